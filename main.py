@@ -1,0 +1,227 @@
+"""GRPO for Qwen2-VL / Qwen2.5-VL. Edit this file to change the model (Config.model) or the rewards (REWARDS).
+
+    bash train.sh [--flag value ...]          # accelerate + DeepSpeed ZeRO-3, vLLM on the last GPU
+    python main.py --help                     # every flag, with its default
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import trainer
+from utils import PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, vision_token_ids
+
+# Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl"}
+
+
+@dataclass
+class Config:
+    model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL / Qwen2.5-VL model; 'tiny' or 'tiny-qwen2.5' build a random tiny one offline"})
+    dataset: str = field(default="counting", metadata={"help": "'counting' (built-in synthetic images), a local .json/.jsonl/.parquet file, or a hub dataset name"})
+    question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
+    solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, bytes or PIL); rows without one are text-only"})
+    output_dir: str = field(default="outputs/run", metadata={"help": "metrics.jsonl, completions.jsonl, curves.png, checkpoints, final/"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, sampling, tiny model weights)"})
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch each)"})
+    epochs: float = field(default=0.0, metadata={"help": "if > 0, overrides --steps: passes over the training rows"})
+    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step on each training process"})
+    num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (>= 2)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward; gradients accumulate over the step"})
+    mu: int = field(default=1, metadata={"help": "GRPO iterations (optimizer steps) per rollout batch; > 1 uses the clipped importance ratio"})
+    epsilon_low: float = field(default=0.2, metadata={"help": "clip the ratio below at 1 - epsilon_low"})
+    epsilon_high: float = field(default=0.2, metadata={"help": "clip the ratio above at 1 + epsilon_high (DAPO uses 0.28)"})
+    beta: float = field(default=0.04, metadata={"help": "KL weight against the frozen reference model; 0 loads no reference model"})
+    loss_type: str = field(default="grpo", metadata={"help": "loss aggregation: grpo (per-sequence mean), dapo (token-level), dr_grpo (sum / (sequences x max length))"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std (false for Dr. GRPO)"})
+    rewards: str = field(default="accuracy,format", metadata={"help": f"comma-separated reward names from REWARDS in main.py ({', '.join(REWARDS)})"})
+    reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
+    max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (image tokens included) are skipped and counted"})
+    max_completion_length: int = field(default=512, metadata={"help": "new tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss scores at the same temperature)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
+    max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
+    trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
+    save_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only the final model)"})
+    eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
+    eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
+    log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
+    report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
+    strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
+    debug: bool = field(default=False, metadata={"help": "rank 0 waits for a debugger (debugpy) on port 5678"})
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"), int: int, float: float}.get(f.type, str)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
+                            help=f.metadata["help"])
+    cfg = Config(**vars(parser.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Bad values stop the run here, before any model is loaded, with the flag and the fix."""
+    problems = []
+    if cfg.num_generations < 2:
+        problems.append(f"--num_generations {cfg.num_generations}: GRPO compares samples within a group; use 2 or more")
+    if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
+        problems.append(f"--loss_type {cfg.loss_type!r}: use grpo, dapo or dr_grpo")
+    if cfg.trainable not in ("all", "language", "mlp"):
+        problems.append(f"--trainable {cfg.trainable!r}: use all, language or mlp")
+    unknown = [r for r in cfg.rewards.split(",") if r not in REWARDS]
+    if unknown or not cfg.rewards:
+        problems.append(f"--rewards {cfg.rewards!r}: unknown {unknown}; choose from {list(REWARDS)} or add yours to REWARDS in main.py")
+    if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
+        problems.append("--reward_weights: give one weight per reward in --rewards")
+    for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if cfg.temperature <= 0:
+        problems.append("--temperature must be > 0 (the loss divides logits by it)")
+    if cfg.report_to not in ("none", "wandb", "tensorboard"):
+        problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
+    if problems:
+        raise SystemExit("config error:\n  " + "\n  ".join(problems))
+
+
+def load_model(path, cfg, device):
+    from transformers import AutoModelForImageTextToText
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        import importlib.util
+        attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+
+
+def set_trainable(model, trainable):
+    """all | language (vision tower frozen) | mlp (language-model MLPs only, as the seed repo did)."""
+    for name, p in model.named_parameters():
+        if trainable == "all":
+            p.requires_grad_(True)
+        elif trainable == "language":
+            p.requires_grad_(".visual." not in f".{name}")
+        else:
+            p.requires_grad_(".mlp." in name and ".visual." not in f".{name}")
+
+
+def main(cfg):
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from transformers import AutoProcessor
+
+    path = cfg.model
+    if cfg.model in TINY:
+        path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
+    G = cfg.num_generations
+    n_micro = math.ceil(cfg.prompts_per_step * G / cfg.micro_batch_size)
+    accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=n_micro),
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir)
+    fix_cpu_deepspeed_state(accelerator)
+    if cfg.debug and accelerator.is_main_process:
+        import debugpy
+        debugpy.listen(("0.0.0.0", 5678))
+        print("debugpy listening on port 5678: attach your IDE (README: Debugging)", flush=True)
+        debugpy.wait_for_client()
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
+        ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+                                          gradient_accumulation_steps=n_micro, gradient_clipping=cfg.max_grad_norm,
+                                          train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes)
+        ds_plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.min_pixels, processor.image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+    processor.tokenizer.padding_side = "left"
+    model = load_model(path, cfg, accelerator.device)
+    set_trainable(model, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = prepare_reference(load_model(path, cfg, accelerator.device), accelerator)
+
+    rows = load_rows(cfg.dataset, "train", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
+    sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    if cfg.epochs > 0:
+        cfg.steps = max(1, round(cfg.epochs * len(rows) / (cfg.prompts_per_step * accelerator.num_processes)))
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
+
+    reward_funcs = [REWARDS[r] for r in cfg.rewards.split(",")]
+    pad_id = processor.tokenizer.pad_token_id
+    suppressed = vision_token_ids(accelerator.unwrap_model(model).config, processor.tokenizer)
+    generate = lambda prompts, n: trainer.hf_generate(accelerator.unwrap_model(model), prompts, n, pad_id,
+                                                      cfg.max_completion_length, cfg.temperature, cfg.top_p, suppressed)
+    eval_prompts = []
+    if cfg.eval_steps and cfg.eval_size:
+        test_rows = load_rows(cfg.dataset, "test", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed) \
+            if cfg.dataset == "counting" else rows[-cfg.eval_size:]
+        eval_sampler = PromptSampler(test_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
+        eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
+    history = trainer.train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
+                            eval_prompts, suppressed=suppressed)
+
+    trainer.save_model(model, processor, accelerator, os.path.join(cfg.output_dir, "final"))
+    if accelerator.is_main_process:
+        trainer.plot_curves(history, os.path.join(cfg.output_dir, "curves.png"))
+        print(f"done: {len(history)} steps; final model in {cfg.output_dir}/final, curves in {cfg.output_dir}/curves.png")
+    accelerator.end_training()
+    return history
+
+
+def fix_cpu_deepspeed_state(accelerator):
+    """accelerate 1.15 has no DeepSpeed-on-CPU mode: there it counts one process while DeepSpeed's gloo group
+    holds them all. Give accelerate the true rank and world size (CPU tests and the smoke run only)."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+    if accelerator.device.type == "cpu" and dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
+        true = dict(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                    local_process_index=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        PartialState._shared_state.update(true)
+        AcceleratorState._shared_state.update(true)
+
+
+def prepare_reference(ref_model, accelerator):
+    """A frozen copy for the KL term; under ZeRO-3 it is sharded like the policy (no optimizer)."""
+    ref_model.requires_grad_(False).eval()
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is None:
+        return ref_model.to(accelerator.device)
+    import copy
+    import deepspeed
+    ds_config = copy.deepcopy(ds_plugin.deepspeed_config)
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        ds_config["zero_optimization"] = {"stage": 0}
+    ds_config.pop("optimizer", None)
+    ds_config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+if __name__ == "__main__":
+    main(parse_config())

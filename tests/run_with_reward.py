@@ -1,0 +1,25 @@
+"""Runs main.py with extra rewards registered the way a user adds one (an entry in main.REWARDS).
+Used by the tests: python tests/run_with_reward.py [main.py flags]"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import main  # noqa: E402
+
+
+def uppercase_reward(completions, **columns):
+    """Share of the completion's letters that are upper case: a tiny random model starts near 0 and can learn it."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c if ch.isalpha()]
+        out.append(sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0)
+    return out
+
+
+def raising_reward(completions, **columns):
+    raise KeyError("no_such_column")
+
+
+main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward)
+if __name__ == "__main__":
+    main.main(main.parse_config())

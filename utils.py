@@ -1,0 +1,379 @@
+"""Rewards, data (built-in counting task, user datasets, collation) and model helpers (tiny models, weight copy)."""
+import io
+import json
+import math
+import os
+import random
+import re
+import warnings
+from collections import Counter
+
+import torch
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards: plain functions fn(completions, **columns) -> list[float]. Any string in, a float out: never raise on
+# model output (a reward that raises anyway is reported by name in compute_rewards).
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+CHOICE_RE = re.compile(r"^\(?([A-Ea-e])\)?(?:[.):\s]|$)")
+NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def as_text(x):
+    """A completion as text: a string, a chat message {'content': ...}, or a list of them."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        return as_text(x.get("content", ""))
+    if isinstance(x, (list, tuple)):
+        return "".join(as_text(m) for m in x)
+    return "" if x is None else str(x)
+
+
+def extract_answer(text):
+    """The content of the last <answer>...</answer>, stripped; None if there is none."""
+    found = ANSWER_RE.findall(as_text(text))
+    return found[-1].strip() if found else None
+
+
+def _as_number(s):
+    s = s.strip().rstrip(".").replace("$", "").strip()
+    if NUMBER_RE.match(s):
+        return float(s.replace(",", ""))
+    return None
+
+
+def answers_match(answer, solution):
+    """Numbers by value, multiple-choice letters by letter, the rest through math-verify (LaTeX), then text."""
+    if answer is None or solution is None:
+        return False
+    sol = extract_answer(solution) or as_text(solution).strip()  # solutions may carry <answer> tags too
+    ans = answer.strip()
+    if not ans or not sol or len(ans) > 1000:  # a huge 'answer' is not an answer; keeps the parsers bounded
+        return False
+    a, s = _as_number(ans), _as_number(sol)
+    if s is not None:
+        return a is not None and math.isclose(a, s, rel_tol=1e-6, abs_tol=1e-9)
+    sc, ac = CHOICE_RE.match(sol), CHOICE_RE.match(ans)
+    if sc and len(sol) <= 3:
+        return bool(ac) and ac.group(1).upper() == sc.group(1).upper()
+    try:
+        from math_verify import parse, verify
+        gold, pred = parse(sol), parse(ans)
+        if gold and pred and verify(gold, pred):
+            return True
+    except Exception:  # math-verify raises on odd LaTeX and times out on pathological input
+        pass
+    norm = lambda t: " ".join(t.lower().strip().strip(".").split())
+    return norm(ans) == norm(sol)
+
+
+def accuracy_reward(completions, solution, **columns):
+    """1.0 when the last <answer>...</answer> equals the solution (numbers, letters, LaTeX), else 0.0."""
+    return [float(answers_match(extract_answer(c), s)) for c, s in zip(completions, solution)]
+
+
+def format_reward(completions, **columns):
+    """1.0 for exactly '<think>...</think><answer>...</answer>' (whitespace allowed around), else 0.0."""
+    return [float(bool(FORMAT_RE.match(as_text(c)))) for c in completions]
+
+
+def compute_rewards(reward_funcs, completions, columns):
+    """Calls each reward; returns {name: list[float]}. A reward that raises or returns the wrong shape is named."""
+    out = {}
+    for fn in reward_funcs:
+        name = getattr(fn, "__name__", repr(fn))
+        try:
+            values = fn(completions, **columns)
+        except Exception as e:
+            raise RuntimeError(f"reward function '{name}' raised {type(e).__name__}: {e}. Rewards must return a "
+                               f"float for any completion text; fix '{name}' in main.py/utils.py.") from e
+        try:
+            values = [float("nan") if v is None else float(v) for v in values]
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward function '{name}' must return a list of floats, got {type(values).__name__}"
+                            f" containing {e}") from e
+        if len(values) != len(completions):
+            raise ValueError(f"reward function '{name}' returned {len(values)} values for {len(completions)} "
+                             "completions: return one float per completion")
+        out[name] = values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data. A sample is {"image": PIL or None, "problem": str, "solution": str, ...other columns}.
+
+SYSTEM_PROMPT = ("A conversation between User and Assistant. The user asks a question about an image, and the "
+                 "Assistant solves it. The Assistant first thinks about the reasoning process and then gives the "
+                 "answer, enclosed in <think> </think> and <answer> </answer> tags: "
+                 "<think> reasoning here </think><answer> answer here </answer>")
+SHAPES, COLORS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green": (40, 170, 60),
+                                                     "blue": (40, 80, 220)}
+
+
+def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
+    """Synthetic visual counting: a few shapes of a few colours; 'How many red circles are there?' -> '2'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        img = Image.new("RGB", (image_size, image_size), (245, 245, 240))
+        draw = ImageDraw.Draw(img)
+        target = (rng.choice(list(COLORS)), rng.choice(SHAPES))
+        objects = [target] * rng.randint(1, max_count)
+        objects += [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.randint(0, 3))]
+        r = max(4, image_size // 14)
+        cells = rng.sample([(x, y) for x in range(4) for y in range(4)], len(objects))  # no overlaps
+        for (color, shape), (cx, cy) in zip(objects, cells):
+            x, y = (cx + 0.5) * image_size / 4, (cy + 0.5) * image_size / 4
+            box = (x - r, y - r, x + r, y + r)
+            if shape == "circle":
+                draw.ellipse(box, fill=COLORS[color])
+            elif shape == "square":
+                draw.rectangle(box, fill=COLORS[color])
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+        count = sum(o == target for o in objects)
+        rows.append({"image": img, "problem": f"How many {target[0]} {target[1]}s are there?",
+                     "solution": str(count)})
+    return rows
+
+
+def load_image(value, min_pixels, max_pixels):
+    """A PIL image from a path, bytes, {'bytes'|'path': ...} (datasets' Image feature) or PIL, resized within
+    [min_pixels, max_pixels] the way qwen-vl-utils does. Raises ValueError if it cannot be read."""
+    from qwen_vl_utils import fetch_image
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            value = Image.open(io.BytesIO(value))
+        elif isinstance(value, str):
+            value = Image.open(value)
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"expected a path, bytes or PIL image, got {type(value).__name__}")
+        value.load()
+        return fetch_image({"image": value.convert("RGB"), "min_pixels": min_pixels, "max_pixels": max_pixels})
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from e
+
+
+def load_rows(name, split, question_column, solution_column, image_column, seed=0):
+    """Rows of a dataset: 'counting' (built in), a local json/jsonl/parquet file, or a hub dataset name.
+    Renames the user's columns to problem/solution/image and checks they exist."""
+    if name == "counting":
+        return make_counting_dataset(512 if split == "train" else 64, seed=seed + (split != "train"))
+    import datasets
+    ext = os.path.splitext(name)[1].lstrip(".").lower()
+    if os.path.exists(name):
+        kind = {"jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
+        if kind is None:
+            raise ValueError(f"--dataset {name}: unsupported file type '.{ext}'; use .json, .jsonl or .parquet")
+        ds = datasets.load_dataset(kind, data_files={split: name}, split=split)
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    for col, flag in ((question_column, "--question_column"), (solution_column, "--solution_column")):
+        if col not in ds.column_names:
+            raise ValueError(f"--dataset {name}: column '{col}' is missing (columns: {ds.column_names}); "
+                             f"name the right one with {flag}")
+    if image_column and image_column not in ds.column_names:
+        warnings.warn(f"--dataset {name}: no image column '{image_column}' ({ds.column_names}); text-only prompts "
+                      "(set --image_column to the right name to use images)")
+    rows = []
+    for r in ds:
+        row = {k: v for k, v in r.items() if k not in (question_column, solution_column, image_column)}
+        row.update(problem=r[question_column], solution=r[solution_column], image=r.get(image_column))
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"--dataset {name} split '{split}' is empty: point --dataset at data with rows")
+    return rows
+
+
+def build_prompt(processor, row, cfg):
+    """Tokenised prompt for one row: a dict of the processor's tensors (batch dim 1) plus 'image'.
+    Raises ValueError with the reason when the row must be skipped (unreadable image, prompt too long)."""
+    if not isinstance(row.get("problem"), str) or not row["problem"].strip():
+        raise ValueError("empty or non-text question")
+    image = None if row.get("image") is None else load_image(row["image"], cfg.min_pixels, cfg.max_pixels)
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": row["problem"]}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+                {"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    if n > cfg.max_prompt_length:  # never truncate: cutting inside the image tokens breaks the model's input
+        raise ValueError(f"prompt of {n} tokens is over --max_prompt_length {cfg.max_prompt_length}")
+    return {"text": text, "image": image, **enc}
+
+
+class PromptSampler:
+    """Endless shuffled stream of tokenised prompts; rows that cannot be used are skipped and counted (or raise
+    with --strict). Each process gets its own shard of the rows."""
+
+    def __init__(self, rows, processor, cfg, rank=0, world=1, seed=0):
+        if not rows:
+            raise ValueError("the dataset is empty: point --dataset at data with rows")
+        self.rows, self.processor, self.cfg = rows[rank::world] or rows, processor, cfg
+        self.rng, self.order, self.skipped = random.Random(seed + rank), [], Counter()
+
+    def next(self, n):
+        out, tries = [], 0
+        while len(out) < n:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            row = self.rows[self.order.pop()]
+            try:
+                out.append((row, build_prompt(self.processor, row, self.cfg)))
+            except ValueError as e:
+                if self.cfg.strict:
+                    raise ValueError(f"{e} (question: {str(row.get('problem'))[:80]!r}); drop --strict to skip "
+                                     "such rows") from e
+                reason = str(e).split(" (")[0] if "image" in str(e) else str(e).split(" of ")[0]
+                self.skipped[reason] += 1
+                if sum(self.skipped.values()) in (1, 10, 100, 1000):
+                    warnings.warn(f"skipped rows so far: {dict(self.skipped)}; last: {e}")
+                tries += 1
+                if tries > 100 * n and not out:
+                    raise ValueError(f"no usable row in {tries} tries ({dict(self.skipped)}): check the images "
+                                     "and --max_prompt_length") from e
+        return out
+
+
+def collate(prompts, completions, pad_id):
+    """One training batch from prompts (dicts from build_prompt) and completion token lists, aligned so that
+    every completion starts at the same column: prompts padded on the left to P, completions on the right to C.
+    Images stay with their own prompt: pixel rows are concatenated in sample order."""
+    P = max(p["input_ids"].shape[1] for p in prompts)
+    C = max(len(c) for c in completions)
+    B = len(prompts)
+    ids = torch.full((B, P + C), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + C), dtype=torch.long)
+    mm = torch.zeros((B, P + C), dtype=torch.long)
+    mask = torch.zeros((B, C), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        n = p["input_ids"].shape[1]
+        ids[i, P - n:P] = p["input_ids"][0]
+        attn[i, P - n:P] = 1
+        if "mm_token_type_ids" in p:
+            mm[i, P - n:P] = p["mm_token_type_ids"][0]
+        ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[i, P:P + len(c)] = 1
+        mask[i, :len(c)] = 1
+    batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": mask}
+    if any("mm_token_type_ids" in p for p in prompts):
+        batch["mm_token_type_ids"] = mm
+    with_image = [p for p in prompts if p.get("pixel_values") is not None]
+    if with_image:
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_image])
+        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_image])
+    return batch
+
+
+def vision_token_ids(model_config, tokenizer):
+    """Token ids a completion must never contain: a generated <|image_pad|> or <|vision_start|> would be read as
+    an image placeholder by the next forward ('Image features and image tokens do not match')."""
+    ids = {getattr(model_config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                     "vision_end_token_id")}
+    ids |= {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+                                                         "<|vision_start|>", "<|vision_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def cut_at_eos(tokens, eos_ids, pad_id=None):
+    """Completion tokens up to and including the first EOS; returns (tokens, ended_with_eos)."""
+    tokens = list(tokens)
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i + 1], True
+    if pad_id is not None:  # generate() pads finished rows; a row without EOS has no pad inside
+        while tokens and tokens[-1] == pad_id:
+            tokens.pop()
+    return tokens, False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny random models that build offline: a BPE tokenizer trained in a second, Qwen special tokens, the Qwen2-VL
+# chat template and the real image processor. Head dims stay at 64 so vLLM's GPU kernels take them.
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_tokenizer(vocab_size=512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    corpus = [SYSTEM_PROMPT, "<think> I count the shapes one by one. </think><answer> 3 </answer>"]
+    corpus += [r["problem"] + " " + r["solution"] for r in make_counting_dataset(64, seed=123, image_size=28)]
+    corpus += [" ".join(str(i) for i in range(100)), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=QWEN_SPECIAL[1:], chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_model(path, kind="qwen2_vl", seed=0):
+    """Builds (once) and saves a tiny random Qwen2-VL or Qwen2.5-VL with its processor at `path`. Call it before
+    accelerate starts DeepSpeed (ZeRO-3 would partition the freshly built model); a file lock keeps processes
+    from building at once."""
+    from filelock import FileLock
+    os.makedirs(path, exist_ok=True)
+    with FileLock(os.path.join(path, ".lock")):
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            _build_tiny_model(path, kind, seed)
+    return path
+
+
+def _build_tiny_model(path, kind, seed):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+    tok = build_tiny_tokenizer()
+    tid = tok.convert_tokens_to_ids
+    text = dict(vocab_size=64 * math.ceil(len(tok) / 64), hidden_size=128, intermediate_size=256,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=tid("<|im_end|>"),
+                pad_token_id=tid("<|endoftext|>"), bos_token_id=tid("<|endoftext|>"),
+                rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
+    ids = dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+               vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+               tie_word_embeddings=True)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, hidden_size=128, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    elif kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}: use qwen2_vl or qwen2_5_vl")
+    torch.manual_seed(seed)
+    model = cls(config)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
+    model.generation_config.pad_token_id = tid("<|endoftext|>")
+    processor.save_pretrained(path)
+    model.save_pretrained(path)  # last: its weights file marks the build as complete
+
+
+def write_jsonl(path, rows):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False, default=float) + "\n")
