@@ -146,6 +146,7 @@ def main(cfg):
         ds_plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     set_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    rows = load_rows(cfg.dataset, "train", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
 
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor.min_pixels, processor.image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
@@ -162,7 +163,6 @@ def main(cfg):
     if cfg.beta > 0:
         ref_model = prepare_reference(load_model(path, cfg, accelerator.device), accelerator)
 
-    rows = load_rows(cfg.dataset, "train", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:
         cfg.steps = max(1, round(cfg.epochs * len(rows) / (cfg.prompts_per_step * accelerator.num_processes)))

@@ -27,11 +27,13 @@ from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, write_j
 def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
     """(N,) rewards of N/G groups of G consecutive samples -> (N,) advantages. A group whose rewards are all
     equal gets exactly zero (never NaN); NaN rewards (a reward that returned None) count as 0."""
-    r = torch.nan_to_num(rewards.float(), nan=0.0).view(-1, group_size)
+    r = torch.nan_to_num(rewards.double(), nan=0.0).view(-1, group_size)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.view(-1)
+    # rounding leaves mean(r) != r in an all-equal group, and /eps would blow that up: zero such groups exactly
+    adv = torch.where((r == r[:, :1]).all(dim=1, keepdim=True), torch.zeros_like(adv), adv)
+    return adv.float().view(-1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo",
@@ -77,7 +79,8 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), chunk_
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=targets.device) if suppressed_ids else None
 
     def chunk_logprobs(h, t):
-        logits = model.lm_head(h).float() / temperature  # (B, c, V) for one chunk only
+        logits = model.lm_head(h)  # (B, c, V) for one chunk only, in float32 at least (bf16 log-probs are coarse)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         if suppressed is not None:
             logits = logits.index_fill(-1, suppressed, float("-inf"))
         return torch.gather(logits.log_softmax(-1), -1, t[..., None])[..., 0]

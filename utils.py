@@ -172,9 +172,16 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
         kind = {"jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
         if kind is None:
             raise ValueError(f"--dataset {name}: unsupported file type '.{ext}'; use .json, .jsonl or .parquet")
-        ds = datasets.load_dataset(kind, data_files={split: name}, split=split)
+        if os.path.getsize(name) == 0:
+            raise ValueError(f"--dataset {name} is empty: point --dataset at data with rows")
+        source = dict(path=kind, data_files={split: name}, split=split)
     else:
-        ds = datasets.load_dataset(name, split=split)
+        source = dict(path=name, split=split)
+    try:
+        ds = datasets.load_dataset(**source)
+    except Exception as e:
+        raise ValueError(f"--dataset {name}: could not be read ({type(e).__name__}: {e}); give a .json/.jsonl/"
+                         f".parquet file or a hub dataset with a '{split}' split") from e
     for col, flag in ((question_column, "--question_column"), (solution_column, "--solution_column")):
         if col not in ds.column_names:
             raise ValueError(f"--dataset {name}: column '{col}' is missing (columns: {ds.column_names}); "
@@ -325,23 +332,31 @@ def build_tiny_tokenizer(vocab_size=512):
                                    additional_special_tokens=QWEN_SPECIAL[1:], chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_model(path, kind="qwen2_vl", seed=0):
-    """Builds (once) and saves a tiny random Qwen2-VL or Qwen2.5-VL with its processor at `path`. Call it before
+def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
+    """Builds (once) and saves a tiny random Qwen2-VL or Qwen2.5-VL with its processor at `path`: the local BPE
+    tokenizer, or the processor found in the folder `processor_from` (e.g. a real model's files, no weights,
+    for a model of the real vocabulary and image handling with tiny layers). Call it before
     accelerate starts DeepSpeed (ZeRO-3 would partition the freshly built model); a file lock keeps processes
     from building at once."""
     from filelock import FileLock
     os.makedirs(path, exist_ok=True)
     with FileLock(os.path.join(path, ".lock")):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
-            _build_tiny_model(path, kind, seed)
+            _build_tiny_model(path, kind, seed, processor_from)
     return path
 
 
-def _build_tiny_model(path, kind, seed):
+def _build_tiny_model(path, kind, seed, processor_from):
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
-    tok = build_tiny_tokenizer()
+    from transformers import AutoProcessor
+    if processor_from:
+        processor = AutoProcessor.from_pretrained(processor_from)
+    else:
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
+                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     text = dict(vocab_size=64 * math.ceil(len(tok) / 64), hidden_size=128, intermediate_size=256,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
@@ -365,8 +380,6 @@ def _build_tiny_model(path, kind, seed):
         raise ValueError(f"unknown tiny model kind {kind!r}: use qwen2_vl or qwen2_5_vl")
     torch.manual_seed(seed)
     model = cls(config)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
     processor.save_pretrained(path)

@@ -1,0 +1,209 @@
+"""The loss, advantages and log-probs against naive loop implementations on random inputs, gradients included."""
+import itertools
+
+import pytest
+import torch
+
+from trainer import completion_logprobs, group_advantages, grpo_loss
+
+
+# ---- naive references: one sample, one token at a time ---------------------------------------------------------
+
+def naive_advantages(rewards, G, scale_std, eps=1e-4):
+    out = []
+    for g in range(0, len(rewards), G):
+        group = [0.0 if r != r else r for r in rewards[g:g + G]]
+        mean = sum(group) / G
+        std = (sum((x - mean) ** 2 for x in group) / (G - 1)) ** 0.5
+        out += [(x - mean) / (std + eps) if scale_std else x - mean for x in group]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L):
+    B, C = logp.shape
+    seq_means, token_sum, n_tokens = [], 0.0, 0
+    for i in range(B):
+        terms = []
+        for t in range(C):
+            if mask[i, t] == 0:
+                continue
+            ratio = torch.exp(logp[i, t] - old[i, t])
+            objective = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - el, 1 + eh) * adv[i])
+            term = -objective
+            if beta > 0:
+                d = ref[i, t] - logp[i, t]
+                term = term + beta * (torch.exp(d) - d - 1)
+            terms.append(term)
+        n_tokens += len(terms)
+        token_sum = token_sum + sum(terms)
+        seq_means.append(sum(terms) / max(len(terms), 1))
+    if loss_type == "grpo":
+        return sum(seq_means) / B
+    if loss_type == "dapo":
+        return token_sum / n_tokens
+    return token_sum / (B * L)
+
+
+def random_batch(B=6, C=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, C, generator=g, dtype=torch.float64) * 3)
+    mask = (torch.rand(B, C, generator=g) > 0.3).double()
+    mask[0] = 0  # an empty completion must not divide by zero
+    mask[1] = 1
+    return g, logp, mask
+
+
+# ---- advantages -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale_std", [True, False])
+@pytest.mark.parametrize("G", [2, 4, 8])
+def test_advantages_match_naive(G, scale_std):
+    rewards = torch.rand(5 * G, generator=torch.Generator().manual_seed(G), dtype=torch.float64)
+    rewards[:G] = 0.7  # a group of equal rewards
+    rewards[G] = float("nan")  # a reward that returned None
+    got = group_advantages(rewards, G, scale_std).double()
+    want = naive_advantages(rewards.tolist(), G, scale_std)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[:G] == 0), "a group with equal rewards gets exactly zero advantage"
+    assert not torch.isnan(got).any()
+
+
+def test_advantages_sum_to_zero_per_group_and_order_matters():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    a = group_advantages(r, 4)
+    assert a[0] > 0 and a[7] > 0 and (a[1:4] < 0).all()
+    torch.testing.assert_close(a.view(2, 4).sum(1), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+# ---- loss and its gradient ------------------------------------------------------------------------------------
+
+CASES = list(itertools.product(["grpo", "dapo", "dr_grpo"], [1, 3], [0.0, 0.1]))
+
+
+@pytest.mark.parametrize("loss_type,mu,beta", CASES)
+def test_loss_and_gradient_match_naive(loss_type, mu, beta):
+    g, logp0, mask = random_batch(seed=mu * 10 + int(beta * 100))
+    B, C = logp0.shape
+    # mu = 1: the old policy is the current one (ratio 1); mu > 1: a later pass, the policy has moved
+    old = logp0.clone() if mu == 1 else logp0 + 0.3 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    ref = logp0 + 0.2 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    el, eh, L = 0.2, 0.28, 12
+
+    logp_a = logp0.clone().requires_grad_(True)
+    ours, stats = grpo_loss(logp_a, old, ref, adv, mask, el, eh, beta, loss_type, L)
+    ours.backward()
+    logp_b = logp0.clone().requires_grad_(True)
+    ref_loss = naive_loss(logp_b, old, ref, adv, mask, el, eh, beta, loss_type, L)
+    ref_loss.backward()
+
+    torch.testing.assert_close(ours, ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logp_a.grad, logp_b.grad, rtol=1e-10, atol=1e-12)
+    assert logp_a.grad[mask == 0].abs().max() == 0, "masked tokens (prompt, padding, after EOS) get no gradient"
+    assert stats["tokens"] == mask.sum()
+    if mu == 1:
+        assert stats["clipped"] == 0, "ratio is 1 on the first pass: nothing is clipped"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_add_up_to_the_batch_loss(loss_type):
+    """The trainer splits a batch into micro-batches; with the batch totals passed in, the pieces add up."""
+    g, logp0, mask = random_batch(B=8, C=7, seed=3)
+    old = logp0 + 0.1 * torch.randn(8, 7, generator=g, dtype=torch.float64)
+    ref = logp0 - 0.1
+    adv = torch.randn(8, generator=g, dtype=torch.float64)
+    full = logp0.clone().requires_grad_(True)
+    whole, _ = grpo_loss(full, old, ref, adv, mask, 0.2, 0.2, 0.05, loss_type, 10)
+    whole.backward()
+    parts = logp0.clone().requires_grad_(True)
+    total = 0
+    for idx in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        loss, _ = grpo_loss(parts[idx], old[idx], ref[idx], adv[idx], mask[idx], 0.2, 0.2, 0.05, loss_type, 10,
+                            num_sequences=8, num_tokens=mask.sum().item())
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts.grad, full.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_direction_raises_good_samples_and_clips():
+    """Descending the loss makes a positive-advantage token more likely; once its ratio passes 1 + eps_high the
+    clipped objective stops pushing it (zero gradient), while a negative-advantage token is still pushed down."""
+    logp = torch.tensor([[-1.0], [-1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0], [-1.0]])
+    mask = torch.ones(2, 1)
+    loss, _ = grpo_loss(logp, old, None, torch.tensor([1.0, -1.0]), mask, 0.2, 0.2, 0.0, "grpo")
+    loss.backward()
+    assert logp.grad[0, 0] < 0 < logp.grad[1, 0]  # gradient descent raises sample 0, lowers sample 1
+    logp = torch.tensor([[-1.0 + 0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 > 1.2
+    loss, stats = grpo_loss(logp, torch.tensor([[-1.0]]), None, torch.tensor([1.0]), torch.ones(1, 1), 0.2, 0.2)
+    loss.backward()
+    assert logp.grad.item() == 0 and stats["clipped"] == 1
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    zero_adv, mask = torch.zeros(1), torch.ones(1, 3)
+    loss, st = grpo_loss(logp, logp, logp.clone(), zero_adv, mask, beta=1.0, loss_type="dapo")
+    assert loss.item() == 0 and st["kl"].item() == 0
+    loss, st = grpo_loss(logp, logp, logp + torch.tensor([[0.3, -0.4, 1.0]]), zero_adv, mask, beta=1.0,
+                         loss_type="dapo")
+    assert loss.item() > 0 and st["kl"].item() > 0
+
+
+def test_unknown_loss_type_is_named():
+    with pytest.raises(ValueError, match="--loss_type"):
+        grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1), loss_type="ppo")
+
+
+# ---- log-probs from the model --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_batch(tiny_qwen2_vl):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from utils import build_prompt, collate, make_counting_dataset
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.float64)
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    rows = make_counting_dataset(3, seed=1)
+    rows[1]["image"] = None  # a text-only row in the same batch
+    cfg = Config(model="tiny")
+    prompts = [build_prompt(processor, r, cfg) for r in rows]
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    return model, collate(prompts, completions, processor.tokenizer.pad_token_id)
+
+
+def naive_logprobs(model, batch, temperature, suppressed):
+    """Full logits of the whole model, then one row and one token at a time."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs).logits.double() / temperature
+    if suppressed:
+        logits[..., suppressed] = float("-inf")
+    C = batch["completion_mask"].shape[1]
+    L = batch["input_ids"].shape[1]
+    out = torch.zeros(logits.shape[0], C, dtype=torch.float64)
+    for i in range(logits.shape[0]):
+        for t in range(C):
+            pos = L - C + t  # the token at pos is predicted by the logits at pos - 1
+            out[i, t] = torch.log_softmax(logits[i, pos - 1], -1)[batch["input_ids"][i, pos]]
+    return out
+
+
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 256), (0.7, 2)])
+def test_logprobs_and_gradient_match_the_full_logits(tiny_batch, temperature, chunk):
+    model, batch = tiny_batch
+    suppressed = [5, 6]
+    mask = batch["completion_mask"]
+    model.zero_grad()
+    ours = completion_logprobs(model, batch, temperature, suppressed, chunk_size=chunk)
+    (ours * mask).sum().backward()
+    grads_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    want = naive_logprobs(model, batch, temperature, suppressed)
+    (want * mask).sum().backward()
+    torch.testing.assert_close(ours * mask, want * mask, rtol=1e-9, atol=1e-9)
+    assert grads_ours, "gradients reach the model"
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads_ours[n], p.grad, rtol=1e-7, atol=1e-9, msg=n)

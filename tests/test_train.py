@@ -1,0 +1,193 @@
+"""End to end: real tiny models, real processors, real DeepSpeed (ZeRO-3 over gloo on CPU), real processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ASSETS, ROOT, run
+
+PY = sys.executable
+FAST = ["--model", "tiny", "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
+        "--eval_steps", "0", "--save_steps", "0"]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def state_dict(path):
+    from transformers import AutoModelForImageTextToText
+    return AutoModelForImageTextToText.from_pretrained(path).state_dict()
+
+
+@pytest.mark.slow
+def test_learns_a_toy_task(tmp_path):
+    """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps.
+    Flipping the sign of the loss (or of the advantages) makes the reward fall instead, and this test fail."""
+    out = str(tmp_path / "toy")
+    run([PY, "tests/run_with_reward.py", "--model", "tiny", "--output_dir", out, "--rewards", "uppercase",
+         "--steps", "40", "--prompts_per_step", "4", "--num_generations", "8", "--micro_batch_size", "16",
+         "--max_completion_length", "8", "--learning_rate", "3e-3", "--beta", "0", "--save_steps", "0",
+         "--eval_steps", "0"])
+    rewards = [m["reward_mean"] for m in metrics(out)]
+    assert len(rewards) == 40
+    assert rewards[0] < 0.2, rewards
+    assert sum(rewards[-5:]) / 5 > 0.8, rewards
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_train_save_and_load(tmp_path):
+    """2 CPU processes under DeepSpeed ZeRO-3 (gloo), reference model sharded too (beta > 0), mu = 2."""
+    out = str(tmp_path / "z3")
+    p = run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
+             "--mixed_precision", "no", "tests/run_with_reward.py", *FAST, "--output_dir", out,
+             "--rewards", "uppercase,format", "--steps", "3", "--learning_rate", "1e-2", "--beta", "0.04",
+             "--mu", "2", "--micro_batch_size", "4", "--save_steps", "2"])
+    ms = metrics(out)
+    assert [m["step"] for m in ms] == [1, 2, 3]
+    assert all(m["completion_len_max"] <= 8 for m in ms)
+    assert ms[-1]["clip_frac"] >= 0 and ms[-1]["kl"] >= 0
+    base, final = state_dict(os.path.join(out, "base_model")), state_dict(os.path.join(out, "final"))
+    assert base.keys() == final.keys()
+    changed = [k for k in base if not torch.equal(base[k], final[k])]
+    assert changed, "training changed no weight"
+    assert not any(".visual." in f".{k}" for k in changed), "the vision tower is frozen by default"
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "model.safetensors"))
+    assert "done: 3 steps" in p.stdout
+
+
+@pytest.mark.slow
+def test_smoke_run_of_train_sh_leaves_every_output(tmp_path):
+    out = str(tmp_path / "smoke")
+    p = run(["bash", "train.sh", "--steps", "2", "--output_dir", out, "--save_steps", "1", "--eval_steps", "2"],
+            env={"CUDA_VISIBLE_DEVICES": ""})
+    assert p.stdout.splitlines()[0].startswith("train.sh: no GPU found")
+    for name in ("metrics.jsonl", "completions.jsonl", "curves.png", "config.json", "final/model.safetensors",
+                 "checkpoint-1/model.safetensors"):
+        assert os.path.exists(os.path.join(out, name)), name
+    ms = metrics(out)
+    assert len(ms) == 2 and "eval_accuracy" in ms[-1]
+    for key in ("reward_mean", "reward_std", "reward/accuracy_reward", "reward/format_reward", "accuracy", "kl",
+                "clip_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "tokens_per_s",
+                "step_s", "generate_s", "train_s", "sync_s"):
+        assert key in ms[0], key
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        sample = json.loads(f.readline())
+    assert {"problem", "solution", "completion", "accuracy_reward", "format_reward", "advantage"} <= set(sample)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    AutoModelForImageTextToText.from_pretrained(os.path.join(out, "final"))
+    AutoProcessor.from_pretrained(os.path.join(out, "final"))
+
+
+# ---- bad input: a clear message naming the field and the fix --------------------------------------------------
+
+def fails_with(args, *needles):
+    p = run([PY, "tests/run_with_reward.py", *args], check=False, timeout=300)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0, text[-3000:]
+    for n in needles:
+        assert n in text, f"{n!r} not in output:\n{text[-3000:]}"
+
+
+def test_g_below_two_is_refused(tmp_path):
+    fails_with([*FAST, "--num_generations", "1", "--output_dir", str(tmp_path)], "--num_generations 1", "2 or more")
+
+
+def test_unknown_reward_and_bad_values_are_refused(tmp_path):
+    fails_with([*FAST, "--rewards", "accuracy,nope", "--loss_type", "ppo", "--output_dir", str(tmp_path)],
+               "--rewards", "nope", "REWARDS in main.py", "--loss_type 'ppo'")
+
+
+@pytest.mark.slow
+def test_a_raising_reward_is_named(tmp_path):
+    fails_with([*FAST, "--rewards", "format,raising", "--steps", "1", "--output_dir", str(tmp_path)],
+               "reward function 'raising_reward' raised KeyError")
+
+
+@pytest.mark.slow
+def test_missing_column_and_empty_dataset(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    fails_with([*FAST, "--dataset", str(data), "--output_dir", str(tmp_path / "a")],
+               "column 'problem' is missing", "--question_column")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    fails_with([*FAST, "--dataset", str(empty), "--output_dir", str(tmp_path / "b")], "empty")
+
+
+@pytest.mark.slow
+def test_prompts_over_the_limit_and_unreadable_images_are_skipped_or_strict(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"problem": "How many red squares?", "solution": "1", "image": str(tmp_path / "ok.png")},
+            {"problem": "And here?", "solution": "2", "image": str(tmp_path / "broken.png")},
+            {"problem": "long " * 400, "solution": "3", "image": None}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [*FAST, "--dataset", str(data), "--max_prompt_length", "300", "--steps", "2", "--rewards", "format"]
+    out = str(tmp_path / "ok")
+    run([PY, "tests/run_with_reward.py", *args, "--output_dir", out])
+    assert metrics(out)[-1]["skipped_rows"] >= 2  # the broken image and the long prompt, counted
+    fails_with([*args, "--strict", "true", "--output_dir", str(tmp_path / "strict")], "--strict")
+
+
+# ---- models with their real processors ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,assets", [("qwen2_vl", "Qwen2-VL-2B-Instruct"), ("qwen2_5_vl", "Qwen2.5-VL-3B-Instruct")])
+def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets):
+    """Tiny layers, the real tokenizer (151k tokens) and image processor from ../shared/assets."""
+    src = os.path.join(ASSETS, assets)
+    if not os.path.isdir(src):
+        pytest.skip(f"{src} not found (the real processors live in ../shared/assets)")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import trainer
+    from main import Config
+    from utils import build_prompt, build_tiny_model, collate, make_counting_dataset, vision_token_ids
+    path = build_tiny_model(str(tmp_path / kind), kind, processor_from=src)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(processor).__name__ == ("Qwen2VLProcessor" if kind == "qwen2_vl" else "Qwen2_5_VLProcessor")
+    cfg = Config(model=path, max_pixels=112 * 112)
+    rows = make_counting_dataset(3, seed=2)
+    rows[2]["image"] = None
+    prompts = [build_prompt(processor, r, cfg) for r in rows]
+    assert "<|image_pad|>" in prompts[0]["text"] and "<|image_pad|>" not in prompts[2]["text"]
+    suppressed = vision_token_ids(model.config, processor.tokenizer)
+    assert model.config.image_token_id in suppressed
+    samples = trainer.hf_generate(model, prompts, 2, processor.tokenizer.pad_token_id, 6, suppressed_ids=suppressed)
+    assert [len(s) for s in samples] == [2, 2, 2]
+    completions = [s for group in samples for s in group]
+    assert not any(t in suppressed for c in completions for t in c)
+    batch = collate([p for p in prompts for _ in range(2)], completions, processor.tokenizer.pad_token_id)
+    logp = trainer.completion_logprobs(model, batch, 1.0, suppressed)
+    assert logp.shape == batch["completion_mask"].shape
+    assert torch.isfinite(logp[batch["completion_mask"] > 0]).all() and (logp <= 0).all()
+
+
+# ---- debugging ----------------------------------------------------------------------------------------------
+
+def test_debug_flag_waits_for_a_debugger_on_port_5678(tmp_path):
+    proc = subprocess.Popen([PY, "main.py", *FAST, "--debug", "true", "--output_dir", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline, seen = time.time() + 120, ""
+        while "debugpy listening" not in seen and time.time() < deadline:
+            seen += proc.stdout.readline()
+            assert proc.poll() is None, seen
+        assert "debugpy listening on port 5678" in seen
+        with socket.create_connection(("127.0.0.1", 5678), timeout=10):
+            pass  # a debug adapter accepts the connection
+        time.sleep(1)
+        assert proc.poll() is None, "still waiting for the IDE, not training"
+        assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+    finally:
+        proc.kill()
+        proc.wait()
