@@ -14,7 +14,7 @@ import torch
 
 import trainer
 from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
-                   start_vllm, vision_token_ids, vllm_generate, vllm_sleep)
+                   start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -184,16 +184,20 @@ def main(cfg):
 
     reward_funcs = [REWARDS[r] for r in cfg.rewards.split(",")]
     suppressed = vision_token_ids(accelerator.unwrap_model(model).config, processor.tokenizer)
-    generate, sync = make_rollout(cfg, path, accelerator, accelerator.unwrap_model(model), suppressed,
-                                   processor.tokenizer.pad_token_id)
+    generate, sync, llm = make_rollout(cfg, path, accelerator, accelerator.unwrap_model(model), suppressed,
+                                        processor.tokenizer.pad_token_id)
     eval_prompts = []
     if cfg.eval_steps and cfg.eval_size:
         test_rows = load_rows(cfg.dataset, "test", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed) \
             if cfg.dataset == "counting" else rows[-cfg.eval_size:]
         eval_sampler = PromptSampler(test_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
-    history = trainer.train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
-                            eval_prompts, sync_weights=sync, suppressed=suppressed)
+    try:
+        history = trainer.train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator,
+                                optimizer, eval_prompts, sync_weights=sync, suppressed=suppressed)
+    finally:
+        if llm is not None:
+            stop_vllm(llm)
 
     trainer.save_model(model, processor, accelerator, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
@@ -204,13 +208,13 @@ def main(cfg):
 
 
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
-    """(generate, sync_weights): a vLLM engine on the last visible GPU (sharing rank 0's when every GPU trains,
+    """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when every GPU trains,
     or vLLM's CPU backend), fed new weights after each step; or transformers' generate() with no copy at all."""
     import importlib.util
     rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
     if rollout == "hf":
         return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
-                                                       cfg.temperature, cfg.top_p, suppressed)), None
+                                                       cfg.temperature, cfg.top_p, suppressed)), None, None
     gpu, colocate = None, False
     if accelerator.device.type == "cuda":
         n_gpu = torch.cuda.device_count()
@@ -219,12 +223,13 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         gpu = visible[accelerator.device.index] if colocate else visible[n_gpu - 1]
     llm = start_vllm(path, cfg, gpu, colocate) if accelerator.is_main_process else None
     dtype = torch.bfloat16 if gpu is not None else torch.float32
-    sync = make_weight_sync(llm, model, cfg.vllm_sync_bucket_mb, accelerator.is_main_process, dtype)
+    sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
+                            accelerator.is_main_process, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)
     rank, world = accelerator.process_index, accelerator.num_processes
-    return (lambda prompts, n: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world)), sync
+    return (lambda prompts, n: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world)), sync, llm
 
 
 def fix_cpu_deepspeed_state(accelerator):

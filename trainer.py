@@ -226,6 +226,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
              "skipped_rows": sum(sampler.skipped.values())}
         if sampler_logps:  # mean |log p_vLLM - log p_trainer| per token: ~0 when the weight copy is exact
             m["sampler_logp_diff"] = tot[4].item() / max(tot[0].item(), 1)
+            if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
+                tqdm.write(f"warning: step {step}: vLLM and the trainer disagree by {m['sampler_logp_diff']:.3f} "
+                           "nats/token on the sampled tokens (bf16 noise is ~0.01): is the weight copy complete?")
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
         if "reward/accuracy_reward" in g:

@@ -27,11 +27,15 @@ def state_dict(path):
 
 
 @pytest.mark.slow
-def test_learns_a_toy_task(tmp_path):
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_learns_a_toy_task(tmp_path, rollout):
     """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps.
     Flipping the sign of the loss (or of the advantages) makes the reward fall instead, and this test fail."""
+    if rollout == "vllm":
+        pytest.importorskip("vllm")
     out = str(tmp_path / "toy")
-    run([PY, "tests/run_with_reward.py", "--model", "tiny", "--output_dir", out, "--rewards", "uppercase",
+    run([PY, "tests/run_with_reward.py", "--model", "tiny", "--rollout", rollout, "--output_dir", out,
+         "--rewards", "uppercase",
          "--steps", "40", "--prompts_per_step", "4", "--num_generations", "8", "--micro_batch_size", "16",
          "--max_completion_length", "8", "--learning_rate", "3e-3", "--beta", "0", "--save_steps", "0",
          "--eval_steps", "0"])
@@ -39,16 +43,24 @@ def test_learns_a_toy_task(tmp_path):
     assert len(rewards) == 40
     assert rewards[0] < 0.2, rewards
     assert sum(rewards[-5:]) / 5 > 0.8, rewards
+    if rollout == "vllm":  # the engine sampled from the trainer's weights at every step
+        assert max(m["sampler_logp_diff"] for m in metrics(out)) < 1e-3
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_train_save_and_load(tmp_path):
-    """2 CPU processes under DeepSpeed ZeRO-3 (gloo), reference model sharded too (beta > 0), mu = 2."""
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_zero3_two_processes_train_save_and_load(tmp_path, rollout):
+    """2 CPU processes under DeepSpeed ZeRO-3 (gloo), reference model sharded too (beta > 0), mu = 2. With vLLM:
+    rank 0's engine samples for both ranks and gets the gathered shards after every step, vision tower included;
+    its log-probs must match the trainer's on every step (the parity check, inside the real loop)."""
+    if rollout == "vllm":
+        pytest.importorskip("vllm")
     out = str(tmp_path / "z3")
     p = run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
-             "--mixed_precision", "no", "tests/run_with_reward.py", *FAST, "--output_dir", out,
+             "--mixed_precision", "no", "tests/run_with_reward.py", *FAST, "--rollout", rollout, "--output_dir", out,
              "--rewards", "uppercase,format", "--steps", "3", "--learning_rate", "1e-2", "--beta", "0.04",
-             "--mu", "2", "--micro_batch_size", "4", "--save_steps", "2"])
+             "--mu", "2", "--micro_batch_size", "4", "--save_steps", "2",
+             *(["--trainable", "all"] if rollout == "vllm" else [])])
     ms = metrics(out)
     assert [m["step"] for m in ms] == [1, 2, 3]
     assert all(m["completion_len_max"] <= 8 for m in ms)
@@ -57,7 +69,11 @@ def test_zero3_two_processes_train_save_and_load(tmp_path):
     assert base.keys() == final.keys()
     changed = [k for k in base if not torch.equal(base[k], final[k])]
     assert changed, "training changed no weight"
-    assert not any(".visual." in f".{k}" for k in changed), "the vision tower is frozen by default"
+    if rollout == "hf":
+        assert not any(".visual." in f".{k}" for k in changed), "the vision tower is frozen by default"
+    else:
+        assert any(".visual." in f".{k}" for k in changed), "--trainable all trains the vision tower"
+        assert all(m["sampler_logp_diff"] < 0.02 for m in ms), [m["sampler_logp_diff"] for m in ms]
     assert os.path.exists(os.path.join(out, "checkpoint-2", "model.safetensors"))
     assert "done: 3 steps" in p.stdout
 

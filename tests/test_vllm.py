@@ -1,0 +1,102 @@
+"""vLLM (the CPU backend here, CUDA on the GPU machine): rollouts and the weight copy, checked by parity between
+vLLM's sampling log-probs and the trainer's log-probs of the same tokens."""
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """One engine for the module (starting one takes ~25 s on 2 CPU cores)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from utils import build_prompt, build_tiny_model, make_counting_dataset, start_vllm, stop_vllm, vision_token_ids
+    path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), "qwen2_vl")
+    dtype = torch.bfloat16 if GPU else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
+    processor = AutoProcessor.from_pretrained(path)
+    cfg = Config(model=path, max_completion_length=12)
+    llm = start_vllm(path, cfg, gpu=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] if GPU else None,
+                     colocate=GPU)
+    rows = make_counting_dataset(3, seed=5)
+    rows[2]["image"] = None  # a text-only prompt in the same batch
+    prompts = [build_prompt(processor, r, cfg) for r in rows]
+    yield dict(llm=llm, model=model, processor=processor, cfg=cfg, prompts=prompts, dtype=dtype,
+               suppressed=vision_token_ids(model.config, processor.tokenizer))
+    stop_vllm(llm)
+
+
+def parity(e):
+    """Mean |log p_vLLM - log p_trainer| over the tokens vLLM sampled (with images), in nats per token."""
+    import trainer
+    from utils import collate, vllm_generate
+    samples, logps = vllm_generate(e["llm"], e["prompts"], 2, e["cfg"], e["suppressed"])
+    completions, sampled = [c for g in samples for c in g], [lp for g in logps for lp in g]
+    assert all(len(c) == len(lp) for c, lp in zip(completions, sampled))
+    assert not any(t in e["suppressed"] for c in completions for t in c)
+    batch = collate([p for p in e["prompts"] for _ in range(2)], completions, e["processor"].tokenizer.pad_token_id)
+    batch = {k: v.to(e["model"].device) for k, v in batch.items()}
+    with torch.no_grad():
+        ours = trainer.completion_logprobs(e["model"], batch, 1.0, e["suppressed"]).float().cpu()
+    mask = batch["completion_mask"].cpu()
+    return ((ours - trainer.pad_rows(sampled, ours.shape[1])).abs() * mask).sum().item() / mask.sum().item()
+
+
+def perturb(model, scale=0.05, seed=0):
+    """Stands in for training: moves every tensor, the vision tower's included."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * scale)
+
+
+def test_weight_copy_is_exact_vision_tower_included(engine):
+    from utils import make_weight_sync
+    model = engine["model"]
+    model.requires_grad_(True)  # vision tower trained too
+    sync = make_weight_sync(engine["llm"], lambda: model.named_parameters(remove_duplicate=False),
+                            dtype=engine["dtype"])
+    sync()
+    assert parity(engine) < 0.02
+    perturb(model, seed=1)
+    assert parity(engine) > 0.1, "the perturbation must be visible before the copy, or this test proves nothing"
+    sync()
+    assert parity(engine) < 0.02
+    for part in ("model.visual.blocks", "model.visual.merger", "model.visual.patch_embed", "lm_head"):
+        with torch.no_grad():  # only this part moves: the copy must carry it
+            for n, p in model.named_parameters(remove_duplicate=False):
+                if n.startswith(part):
+                    p.add_(torch.randn_like(p) * 0.2)
+        assert parity(engine) > 0.02, part
+        sync()
+        assert parity(engine) < 0.02, part
+
+
+@pytest.mark.parametrize("left_out", ["model.visual.blocks.0.mlp.fc1.weight",
+                                      "model.language_model.layers.1.self_attn.q_proj.weight", "lm_head.weight"])
+def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
+    from utils import make_weight_sync, push_weights_to_vllm
+    model = engine["model"]
+    model.requires_grad_(True)
+    drop = set()
+    named = lambda: [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n not in drop]
+    sync = make_weight_sync(engine["llm"], named, dtype=engine["dtype"])
+    sync()  # the first copy: everything
+    assert parity(engine) < 0.02
+    perturb(model, seed=2)
+    drop.add(left_out)
+    with pytest.raises(RuntimeError, match="left out.*" + left_out.replace(".", r"\.")):
+        sync()
+    # and the parity check sees the stale tensor whatever the bookkeeping says
+    push_weights_to_vllm(engine["llm"], named(), dtype=engine["dtype"])
+    assert not parity(engine) < 0.02, f"leaving out {left_out} must show in the log-probs (NaN counts)"
+    drop.clear()
+    sync()
+    assert parity(engine) < 0.02
