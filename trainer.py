@@ -229,6 +229,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
                 tqdm.write(f"warning: step {step}: vLLM and the trainer disagree by {m['sampler_logp_diff']:.3f} "
                            "nats/token on the sampled tokens (bf16 noise is ~0.01): is the weight copy complete?")
+        if torch.cuda.is_available():
+            m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30  # this process (rank 0 on the console)
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
         if "reward/accuracy_reward" in g:
