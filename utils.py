@@ -549,13 +549,19 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
 
 
 def vllm_sleep(llm):
-    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-        llm.sleep(level=1)  # weights to host memory, KV cache dropped: the GPU is the trainer's until wake_up
+    """Colocate mode: weights to host memory, KV cache dropped; the GPU is the trainer's until vllm_wake_up."""
+    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not getattr(llm, "asleep", None):
+        llm.sleep(level=1)
+        llm.asleep = {"weights", "kv_cache"}
 
 
-def vllm_wake_up(llm, tags=None):
-    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-        llm.wake_up(tags=tags)
+def vllm_wake_up(llm, tags=("weights", "kv_cache")):
+    """Wakes what sleeps of `tags` (waking a part that is awake is a CUDA error in vLLM 0.25)."""
+    todo = [t for t in tags if t in getattr(llm, "asleep", ())]
+    if todo:
+        torch.cuda.empty_cache()  # hand the trainer's cached-but-free blocks back before vLLM maps its own
+        llm.wake_up(tags=todo)
+        llm.asleep -= set(todo)
 
 
 def weight_groups(named_params):
