@@ -110,13 +110,13 @@ def check_config(cfg):
         raise SystemExit("config error:\n  " + "\n  ".join(problems))
 
 
-def load_model(path, cfg, device):
+def load_model(path, cfg):
     from transformers import AutoModelForImageTextToText
     attn = cfg.attn_implementation
     if attn == "auto":
         import importlib.util
-        attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        attn = "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
@@ -139,6 +139,10 @@ def main(cfg):
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
+    # loaded whole before accelerate exists: once it does, transformers would build under DeepSpeed's zero.Init,
+    # which broadcasts CPU tensors over NCCL and fails on GPUs; DeepSpeed shards the loaded model in prepare()
+    model = load_model(path, cfg)
+    ref_model = load_model(path, cfg) if cfg.beta > 0 else None
     G = cfg.num_generations
     n_micro = math.ceil(cfg.prompts_per_step * G / cfg.micro_batch_size)
     accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=n_micro),
@@ -162,7 +166,6 @@ def main(cfg):
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
     processor.tokenizer.padding_side = "left"
-    model = load_model(path, cfg, accelerator.device)
     set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -170,9 +173,8 @@ def main(cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ref_model = None
-    if cfg.beta > 0:
-        ref_model = prepare_reference(load_model(path, cfg, accelerator.device), accelerator)
+    if ref_model is not None:
+        ref_model = prepare_reference(ref_model, accelerator)
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:

@@ -98,12 +98,17 @@ def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
     sync()  # the first copy: everything
     assert parity(engine) < 0.02
     perturb(model, seed=2)
+    with torch.no_grad():  # training moved the tensor that will be left out
+        p = dict(model.named_parameters(remove_duplicate=False))[left_out]
+        p.add_(torch.randn_like(p) * 0.1)
     drop.add(left_out)
     with pytest.raises(RuntimeError, match="left out.*" + left_out.replace(".", r"\.")):
         sync()
     # and the parity check sees the stale tensor whatever the bookkeeping says
     push_weights_to_vllm(engine["llm"], named(), dtype=engine["dtype"])
-    assert not parity(engine) < 0.02, f"leaving out {left_out} must show in the log-probs (NaN counts)"
+    if not (GPU and left_out == "lm_head.weight"):  # on CUDA vLLM's head is the embedding itself, sent anyway
+        stale = parity(engine)
+        assert not stale < 0.02, f"leaving out {left_out} must show in the log-probs (NaN counts): {stale}"
     drop.clear()
     sync()
     after = parity(engine)
