@@ -474,8 +474,11 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     check_vllm_version()
     from vllm import LLM
     # the engine's processes inherit this environment: hide the trainer's rank variables and other GPUs
+    # (under torchrun, TORCHELASTIC_USE_AGENT_STORE makes vLLM's own process group wait forever for a store)
+    launcher = [k for k in os.environ if k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))]
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                            "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+                                            "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                                            *launcher)}
     for k in saved:
         os.environ.pop(k, None)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
