@@ -177,7 +177,9 @@ def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets
     assert "<|image_pad|>" in prompts[0]["text"] and "<|image_pad|>" not in prompts[2]["text"]
     suppressed = vision_token_ids(model.config, processor.tokenizer)
     assert model.config.image_token_id in suppressed
-    samples = trainer.hf_generate(model, prompts, 2, processor.tokenizer.pad_token_id, 6, suppressed_ids=suppressed)
+    samples, logps = trainer.hf_generate(model, prompts, 2, processor.tokenizer.pad_token_id, 6,
+                                         suppressed_ids=suppressed)
+    assert logps is None  # generate() gives no sampling log-probs; vLLM does
     assert [len(s) for s in samples] == [2, 2, 2]
     completions = [s for group in samples for s in group]
     assert not any(t in suppressed for c in completions for t in c)
