@@ -69,11 +69,12 @@ class Config:
 
 
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"), int: int, float: float}.get(f.type, str)
+        flag = dict(nargs="?", const=True) if f.type is bool else {}  # `--debug` alone means true
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f.metadata["help"])
+                            help=f"{f.metadata['help']} (default: {f.default})", **flag)
     cfg = Config(**vars(parser.parse_args(argv)))
     check_config(cfg)
     return cfg

@@ -209,3 +209,10 @@ def test_debug_flag_waits_for_a_debugger_on_port_5678(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_every_config_field_is_a_flag():
+    from main import Config, parse_config
+    cfg = parse_config(["--debug", "--scale_rewards", "false", "--beta", "0", "--steps", "7", "--model", "tiny"])
+    assert cfg.debug is True and cfg.scale_rewards is False and cfg.beta == 0.0 and cfg.steps == 7
+    assert parse_config([]) == Config()
