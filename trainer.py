@@ -286,7 +286,7 @@ def plot_curves(history, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ["reward_mean", "accuracy", "eval_accuracy"] + sorted(k for k in history[0] if k.startswith("reward/")):
+    for key in ["reward_mean", "eval_accuracy"] + sorted(k for k in history[0] if k.startswith("reward/")):
         points = [(m["step"], m[key]) for m in history if key in m]
         if points:
             ax.plot(*zip(*points), label=key, marker="o" if key == "eval_accuracy" else None)
