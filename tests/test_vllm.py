@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, run
+
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
