@@ -211,8 +211,8 @@ def main(cfg):
 
 
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
-    """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when every GPU trains,
-    or vLLM's CPU backend), fed new weights after each step; or transformers' generate() with no copy at all."""
+    """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when
+    every GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate()."""
     import importlib.util
     rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
     if rollout == "hf":

@@ -8,7 +8,6 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
 - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"),
   added per token with weight beta; beta = 0 loads no reference model.
 """
-import contextlib
 import math
 import os
 import time
@@ -17,7 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, write_jsonl
+from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, gather_zero3_params, write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,14 +98,12 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), chunk_
 @torch.no_grad()
 def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, suppressed_ids=()):
     """transformers' generate(): n samples per prompt, never emitting `suppressed_ids`."""
-    import deepspeed
     batch = collate(prompts, [[] for _ in prompts], pad_id)
     batch.pop("completion_mask")
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     was_training = model.training
     model.eval()
     # ZeRO-3: gather the whole model once rather than shard by shard at every decoding step
-    with deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else contextlib.nullcontext():
+    with gather_zero3_params(list(model.parameters())):
         out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                              max_new_tokens=max_new_tokens, num_return_sequences=n, use_cache=True,
                              suppress_tokens=list(suppressed_ids) or None)
@@ -139,6 +136,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     n_micro = math.ceil(n_prompts * G / cfg.micro_batch_size)
     out_dir = cfg.output_dir
     metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "completions.jsonl")
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
     history = []
     bar = tqdm(range(1, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
@@ -160,7 +158,6 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
         per_reward = compute_rewards(reward_funcs, texts, columns)
-        weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
         rewards = sum(w * torch.tensor(v) for w, v in zip(weights, per_reward.values()))
         advantages = group_advantages(rewards, G, cfg.scale_rewards)
         t_rew = time.time()
