@@ -137,6 +137,10 @@ def main(cfg):
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from transformers import AutoProcessor
 
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
+        raise SystemExit("DS_ACCELERATOR=cpu is set but a GPU is visible: DeepSpeed's CPU accelerator under NCCL "
+                         "fails ('No backend type associated with device type cpu'). Unset DS_ACCELERATOR, or hide "
+                         "the GPUs with CUDA_VISIBLE_DEVICES= for a CPU run.")
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)

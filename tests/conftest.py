@@ -7,7 +7,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(os.path.dirname(ROOT), "shared", "assets")  # real configs/processors, no weights
 sys.path.insert(0, ROOT)
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+# DeepSpeed's CPU accelerator only where there is no GPU: on the GPU machine it would pair a CPU accelerator with
+# NCCL ("No backend type associated with device type cpu", seen in the colocate test)
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +23,9 @@ def tiny_qwen2_vl(tmp_path_factory):
 
 def run(args, timeout=600, env=None, check=True):
     """Runs a command from the repo root with this interpreter's environment; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if not ON_GPU:
+        full_env["DS_ACCELERATOR"] = "cpu"
     p = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")

@@ -20,7 +20,6 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `import utils, main` from the repo root
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import main  # noqa: E402
 import utils  # noqa: E402
