@@ -2,7 +2,7 @@
 # The GPU runs behind the README's measured numbers, as made on the device machines (H100, H200, 2x H200):
 #   bash tests/gpu_acceptance.sh tests    OUT   # GPU tests: vLLM parity on GPU 0, colocate training test on GPU 1 (or 0)
 #   bash tests/gpu_acceptance.sh two_gpu  OUT   # Qwen2-VL-2B shape: 1 ZeRO-3 rank on GPU 0 + vLLM on GPU 1, 20 steps
-#   bash tests/gpu_acceptance.sh colocate OUT   # the same model, training and vLLM sharing GPU 0, 10 steps
+#   bash tests/gpu_acceptance.sh colocate OUT   # the same model and run, training and vLLM sharing GPU 0
 # Each leaves its log, metrics.jsonl and nvidia-smi samples in OUT and prints the step split and per-GPU peaks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ case $what in
     rc=$((rc | rc2))
     tail -n 5 "$out"/test_*.log ;;
   two_gpu)  CUDA_VISIBLE_DEVICES=0,1 bash train.sh "${args[@]}" > "$out/two_gpu.log" 2>&1; rc=$? ;;
-  colocate) CUDA_VISIBLE_DEVICES=0 bash train.sh "${args[@]}" --steps 10 > "$out/colocate.log" 2>&1; rc=$? ;;
+  colocate) CUDA_VISIBLE_DEVICES=0 bash train.sh "${args[@]}" > "$out/colocate.log" 2>&1; rc=$? ;;
   *) echo "usage: $0 tests|two_gpu|colocate OUT"; exit 2 ;;
 esac
 kill $smi 2>/dev/null
