@@ -579,6 +579,19 @@ def weight_groups(named_params):
     return list(groups.items())
 
 
+def weight_buckets(named_params, bucket_mb):
+    """Whole weight groups packed into lists of about bucket_mb (in bf16) each; a group larger than that alone."""
+    buckets, size = [[]], 0
+    for _, group in weight_groups(named_params):
+        nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in group) * 2
+        if buckets[-1] and size + nbytes > bucket_mb * 2 ** 20:
+            buckets.append([])
+            size = 0
+        buckets[-1] += group
+        size += nbytes
+    return [b for b in buckets if b]
+
+
 def gather_zero3_params(params):
     """Context that holds the full tensors of `params` on every rank under ZeRO-3 (a no-op otherwise)."""
     import contextlib
@@ -612,18 +625,8 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     for one bucket, written by rank 0 into the staging file, loaded by the engine, released. Every rank must call
     this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0; empty
     elsewhere). Extra memory: one bucket on each GPU (the gather) and one in host memory."""
-    buckets, size = [[]], 0
-    for _, group in weight_groups(named_params):
-        nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in group) * 2
-        if buckets[-1] and size + nbytes > bucket_mb * 2 ** 20:
-            buckets.append([])
-            size = 0
-        buckets[-1] += group
-        size += nbytes
     loaded = set()
-    for bucket in buckets:
-        if not bucket:
-            continue
+    for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             if is_main:
                 entries, off = [], 0
