@@ -25,6 +25,7 @@ TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl"}
 class Config:
     model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL / Qwen2.5-VL model; 'tiny' or 'tiny-qwen2.5' build a random tiny one offline"})
     dataset: str = field(default="counting", metadata={"help": "'counting' (built-in synthetic images), a local .json/.jsonl/.parquet file, or a hub dataset name"})
+    eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
     solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
     image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, bytes or PIL); rows without one are text-only"})
@@ -32,7 +33,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed (data order, sampling, tiny model weights)"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's global norm to this (0: no clipping)"})
     steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch each)"})
     epochs: float = field(default=0.0, metadata={"help": "if > 0, overrides --steps: passes over the training rows"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per step on each training process"})
@@ -49,7 +50,7 @@ class Config:
     max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (image tokens included) are skipped and counted"})
     max_completion_length: int = field(default=512, metadata={"help": "new tokens per completion"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss scores at the same temperature)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (the loss scores the same truncated distribution)"})
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
@@ -89,9 +90,13 @@ def check_config(cfg):
         problems.append(f"--loss_type {cfg.loss_type!r}: use grpo, dapo or dr_grpo")
     if cfg.trainable not in ("all", "language", "mlp"):
         problems.append(f"--trainable {cfg.trainable!r}: use all, language or mlp")
-    unknown = [r for r in cfg.rewards.split(",") if r not in REWARDS]
+    names = cfg.rewards.split(",")
+    unknown = [r for r in names if r not in REWARDS]
     if unknown or not cfg.rewards:
         problems.append(f"--rewards {cfg.rewards!r}: unknown {unknown}; choose from {list(REWARDS)} or add yours to REWARDS in main.py")
+    twice = sorted({r for r in names if names.count(r) > 1})
+    if twice:
+        problems.append(f"--rewards {cfg.rewards!r} names {twice} twice: give each reward once (weight it with --reward_weights)")
     if cfg.reward_weights:
         try:
             if len([float(w) for w in cfg.reward_weights.split(",")]) != len(cfg.rewards.split(",")):
@@ -103,6 +108,12 @@ def check_config(cfg):
             problems.append(f"--{name} must be >= 1")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (the loss divides logits by it)")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"--top_p {cfg.top_p}: use a value in (0, 1]; 1 samples from the whole distribution")
+    if cfg.beta < 0:
+        problems.append(f"--beta {cfg.beta}: the KL weight must be >= 0 (0 loads no reference model)")
+    if cfg.max_grad_norm < 0:
+        problems.append(f"--max_grad_norm {cfg.max_grad_norm}: use a norm > 0, or 0 for no clipping")
     if cfg.rollout not in ("auto", "vllm", "hf"):
         problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
@@ -119,6 +130,10 @@ def load_model(path, cfg):
         attn = "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+
+
+def build_optimizer(params, cfg):
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def set_trainable(model, trainable):
@@ -162,11 +177,12 @@ def main(cfg):
     if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
                                           gradient_accumulation_steps=n_micro, gradient_clipping=cfg.max_grad_norm,
-                                          train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes)
+                                          train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
+                                          zero_allow_untested_optimizer=True)  # any torch optimizer
         ds_plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    rows = load_rows(cfg.dataset, "train", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
+    rows, eval_rows, eval_source = load_data(cfg)
 
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
@@ -175,11 +191,14 @@ def main(cfg):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    suppressed = vision_token_ids(model.config, processor.tokenizer)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
+    scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p,
+                   blank_image=accelerator.num_processes > 1)
+    policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
     if ref_model is not None:
-        ref_model = prepare_reference(ref_model, accelerator)
+        ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:
@@ -189,29 +208,48 @@ def main(cfg):
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
-    reward_funcs = [REWARDS[r] for r in cfg.rewards.split(",")]
-    suppressed = vision_token_ids(accelerator.unwrap_model(model).config, processor.tokenizer)
-    generate, sync, llm = make_rollout(cfg, path, accelerator, accelerator.unwrap_model(model), suppressed,
-                                        processor.tokenizer.pad_token_id)
+    reward_funcs = {r: REWARDS[r] for r in cfg.rewards.split(",")}
+    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
     eval_prompts = []
-    if cfg.eval_steps and cfg.eval_size:
-        test_rows = load_rows(cfg.dataset, "test", cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed) \
-            if cfg.dataset == "counting" else rows[-cfg.eval_size:]
-        eval_sampler = PromptSampler(test_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
+    if eval_rows:
+        eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     try:
-        history = trainer.train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator,
-                                optimizer, eval_prompts, sync_weights=sync, suppressed=suppressed)
+        history = trainer.train(cfg, policy, ref_model, processor, sampler, reward_funcs, generate, accelerator,
+                                optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source)
     finally:
         if llm is not None:
             stop_vllm(llm)
 
-    trainer.save_model(model, processor, accelerator, os.path.join(cfg.output_dir, "final"))
+    trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process:
         trainer.plot_curves(history, os.path.join(cfg.output_dir, "curves.png"))
         print(f"done: {len(history)} steps; final model in {cfg.output_dir}/final, curves in {cfg.output_dir}/curves.png")
     accelerator.end_training()
     return history
+
+
+def load_data(cfg):
+    """(training rows, eval rows, where the eval rows come from). Eval rows are never trained on: --eval_dataset,
+    the built-in test split, a hub dataset's 'test' split, or else eval_size rows held out of --dataset."""
+    columns = (cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
+    rows = load_rows(cfg.dataset, "train", *columns)
+    if not (cfg.eval_steps and cfg.eval_size):
+        return rows, [], ""
+    if cfg.eval_dataset:
+        return rows, load_rows(cfg.eval_dataset, "train", *columns), f"--eval_dataset {cfg.eval_dataset}"
+    if cfg.dataset == "counting" or not os.path.exists(cfg.dataset):
+        try:
+            return rows, load_rows(cfg.dataset, "test", *columns), f"the 'test' split of {cfg.dataset}"
+        except ValueError:
+            pass  # a hub dataset without a test split: hold rows out below
+    if len(rows) <= cfg.eval_size:
+        raise SystemExit(f"--eval_size {cfg.eval_size} would hold out all {len(rows)} rows of {cfg.dataset} for "
+                         "evaluation: lower --eval_size, give --eval_dataset, or --eval_steps 0")
+    import random
+    held = set(random.Random(cfg.seed).sample(range(len(rows)), cfg.eval_size))
+    return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)],
+            f"{cfg.eval_size} rows held out of {cfg.dataset} (never trained on)")
 
 
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):

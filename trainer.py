@@ -8,7 +8,6 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
 - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"),
   added per token with weight beta; beta = 0 loads no reference model.
 """
-import math
 import os
 import time
 
@@ -64,23 +63,29 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     return loss, stats
 
 
-def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), chunk_size=256):
-    """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, at the
-    sampling temperature and with the tokens the sampler may not emit (`suppressed_ids`) masked out, so that
-    they are the sampler's own probabilities. Runs the backbone once, then the LM head over chunks of positions,
-    each under activation checkpointing: no (B, C, vocab) float32 tensor ever exists, in forward or backward."""
-    C = batch["completion_mask"].shape[1]
+def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=1.0, chunk_size=256,
+                        blank_image=False):
+    """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
+    distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
+    masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule). Runs the backbone once,
+    then the LM head over chunks of positions, each under activation checkpointing: no (B, C, vocab) float32
+    tensor ever exists, in forward or backward. `blank_image`: see with_blank_image."""
+    B, C = batch["completion_mask"].shape
+    if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
+        batch = with_blank_image(batch, model.config)
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, L, H)
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state[:B]  # (B, L, H)
     hidden = hidden[:, -C - 1:-1]  # (B, C, H): position t predicts token t + 1
-    targets = batch["input_ids"][:, -C:]
+    targets = batch["input_ids"][:B, -C:]
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=targets.device) if suppressed_ids else None
 
     def chunk_logprobs(h, t):
-        logits = model.lm_head(h)  # (B, c, V) for one chunk only, in float32 at least (bf16 log-probs are coarse)
+        logits = model.lm_head(h)  # (B, c, V) for one chunk only; float32 with float32_head (bf16 is coarse)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         if suppressed is not None:
             logits = logits.index_fill(-1, suppressed, float("-inf"))
+        if top_p < 1:
+            logits = logits.masked_fill(outside_nucleus(logits.detach(), top_p), float("-inf"))
         return torch.gather(logits.log_softmax(-1), -1, t[..., None])[..., 0]
 
     out = []
@@ -91,25 +96,180 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), chunk_
     return torch.cat(out, dim=1)
 
 
+def with_blank_image(batch, config):
+    """The batch plus one row holding only a blank 2x2-patch image (one image token) and no completion, whose
+    output the caller drops. With several ZeRO-3 ranks every rank must run the same modules in the same order
+    (each gathers its shards collectively, and DeepSpeed checks the ranks' module traces agree): a rank whose
+    micro-batch has no image while another's has one would skip the vision tower and wait forever (seen on 4
+    GPUs). The row goes through the model's own image path, so nothing else changes."""
+    ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    P = ids.shape[1] - completion_mask.shape[1]  # the blank image sits at the end of the prompt columns
+    row, attn = torch.zeros_like(ids[:1]), torch.zeros_like(batch["attention_mask"][:1])
+    row[0, P - 3:P] = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
+    attn[0, P - 3:P] = 1
+    out = {**batch, "input_ids": torch.cat([ids, row]), "attention_mask": torch.cat([batch["attention_mask"], attn]),
+           "completion_mask": torch.cat([completion_mask, torch.zeros_like(completion_mask[:1])])}
+    if "mm_token_type_ids" in batch:
+        types = torch.zeros_like(row)
+        types[0, P - 2] = 1
+        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], types])
+    v = config.vision_config
+    out["pixel_values"] = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, device=ids.device)
+    out["image_grid_thw"] = torch.tensor([[1, 2, 2]], device=ids.device)
+    return out
+
+
+def outside_nucleus(logits, top_p):
+    """Mask of the tokens top-p sampling never draws: sorted by probability, those whose cumulative probability
+    from the least likely up stays <= 1 - top_p (the rule of vLLM's sampler and transformers' TopPLogitsWarper;
+    the most likely token is always kept)."""
+    sorted_logits, order = logits.sort(dim=-1)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - top_p
+    drop[..., -1] = False
+    return drop.scatter(-1, order, drop)
+
+
+def float32_head(head):
+    """Makes the LM head (an nn.Linear) compute its logits in float32: bf16 logits round the log-probs (measured
+    0.002 mean / 0.013 max nats/token on a tiny model). bf16 weights and inputs are exact in float32, so only the
+    output's rounding goes. It stays a call of the module, so ZeRO-3's hooks still gather its weight."""
+    def forward(h):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(h.float(), head.weight.float(), bias)
+    head.forward = forward
+    return head
+
+
+class LogProbModel(torch.nn.Module):
+    """The policy (or reference) as DeepSpeed wraps it: forward(batch) -> (B, C) completion log-probs of the
+    Hugging Face model inside (`.model`). Every training forward must be a call of DeepSpeed's engine: in
+    DeepSpeed 0.19.8 its forward's per-micro-batch bookkeeping is what makes ZeRO-3 add a micro-batch's
+    gradient to the ones before instead of overwriting them. Calling the inner model directly made every step
+    apply only the last micro-batch's gradient (tests/test_gradients.py)."""
+
+    def __init__(self, model, temperature=1.0, suppressed_ids=(), top_p=1.0, blank_image=False):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.temperature, self.suppressed_ids, self.top_p = temperature, tuple(suppressed_ids), top_p
+        self.blank_image = blank_image  # several ranks: see with_blank_image
+        float32_head(model.get_output_embeddings())
+
+    def forward(self, batch):
+        return completion_logprobs(self.model, batch, self.temperature, self.suppressed_ids, self.top_p,
+                                   blank_image=self.blank_image)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Rollouts. `generate(prompts, n)` -> (for each prompt n lists of completion token ids, and the same shape of
-# sampling log-probs or None). utils.vllm_generate is the fast one; hf_generate needs no vLLM.
+# Rollouts. `generate(prompts, n)` -> (for each prompt n lists of completion token ids, the same shape of their
+# sampling log-probs). utils.vllm_generate is the fast one; hf_generate needs no vLLM.
 
 @torch.no_grad()
 def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, suppressed_ids=()):
-    """transformers' generate(): n samples per prompt, never emitting `suppressed_ids`."""
+    """transformers' generate(): n samples per prompt and the log-prob each token was drawn with. Nothing comes
+    from the model's generation_config but its token ids (Qwen2.5-VL ships repetition_penalty 1.05: samples from
+    a distribution the loss never scores); temperature and top-p are applied last here, where the recorder sees
+    the distribution each token was drawn from."""
+    from transformers import GenerationConfig, TemperatureLogitsWarper, TopPLogitsWarper
     batch = collate(prompts, [[] for _ in prompts], pad_id)
     batch.pop("completion_mask")
+    own = model.generation_config
+    ids = {k: getattr(own, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                              num_return_sequences=n, suppress_tokens=list(suppressed_ids) or None, **ids)
+    drawn, last = [], [None]
+
+    def record(input_ids, scores):  # runs once per new token, after every other processor
+        if last[0] is not None:
+            drawn.append(last[0].gather(-1, input_ids[:, -1:])[:, 0])
+        last[0] = scores.float().log_softmax(-1)
+        return scores
+    processors = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + [record]
     was_training = model.training
     model.eval()
-    # ZeRO-3: gather the whole model once rather than shard by shard at every decoding step
-    with gather_zero3_params(list(model.parameters())):
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=n, use_cache=True,
-                             suppress_tokens=list(suppressed_ids) or None)
-    model.train(was_training)
-    completions = out[:, batch["input_ids"].shape[1]:].tolist()
-    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))], None
+    model.generation_config = GenerationConfig(**ids)  # nothing else to inherit
+    try:  # ZeRO-3: gather the whole model once rather than shard by shard at every decoding step
+        with gather_zero3_params(list(model.parameters())):
+            out = model.generate(**batch, generation_config=config, logits_processor=processors, use_cache=True)
+    finally:
+        model.generation_config = own
+        model.train(was_training)
+    drawn.append(last[0].gather(-1, out[:, -1:])[:, 0])
+    completions, logps = out[:, batch["input_ids"].shape[1]:].tolist(), torch.stack(drawn, 1).tolist()
+    return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
+            [logps[i * n:(i + 1) * n] for i in range(len(prompts))])
+
+
+def rollout(sampler, generate, cfg, eos_ids, pad_id):
+    """This rank's prompts and G completions for each, cut at the first EOS and at max_completion_length."""
+    rows_prompts = sampler.next(cfg.prompts_per_step)
+    rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
+    samples, sample_logps = generate(prompts, cfg.num_generations)
+    completions, ended, sampler_logps = [], [], []
+    for i, group in enumerate(samples):
+        for j, toks in enumerate(group):
+            c, e = cut_at_eos(toks, eos_ids, pad_id)
+            completions.append(c[:cfg.max_completion_length])
+            ended.append(e)
+            sampler_logps.append(sample_logps[i][j][:len(completions[-1])])
+    return rows, prompts, completions, ended, sampler_logps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring and the update.
+
+def score(rows, texts, reward_funcs, weights, cfg):
+    """Rewards of every completion ({reward name: values}, their weighted sum) and group advantages. A reward
+    that returned None or a non-finite value for a sample adds 0 to its sum (compute_rewards warns)."""
+    G = cfg.num_generations
+    columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
+    per_reward = compute_rewards(reward_funcs, texts, columns)
+    rewards = torch.stack([w * torch.tensor(v, dtype=torch.float64) for w, v in zip(weights, per_reward.values())])
+    rewards = rewards.nansum(0).float()
+    return per_reward, rewards, group_advantages(rewards, G, cfg.scale_rewards)
+
+
+def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages, sampler_logps,
+                  pad_id):
+    """mu optimizer steps on this rollout batch, each one accumulated over micro-batches of micro_batch_size
+    sequences. `model`/`ref_model` are LogProbModels (DeepSpeed engines under ZeRO-3): every forward is a call of
+    them. Returns sums over this rank's tokens (tokens, clipped, kl, loss, sampler_diff)."""
+    G = cfg.num_generations
+    flat_prompts = [p for p in prompts for _ in range(G)]
+    micro = [list(range(i, min(i + cfg.micro_batch_size, len(completions))))
+             for i in range(0, len(completions), cfg.micro_batch_size)]
+    batches = [collate([flat_prompts[i] for i in idx], [completions[i] for i in idx], pad_id) for idx in micro]
+    batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+    n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for c in completions)),
+                                               device=accelerator.device), "mean").item()
+    with torch.no_grad():  # the sampling policy (frozen before the first update of this batch) and the reference
+        old_logps = [model(b) if cfg.mu > 1 else None for b in batches]
+        ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff"), 0.0)
+    clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
+    model.train()
+    for it in range(cfg.mu):
+        for j, (idx, b) in enumerate(zip(micro, batches)):
+            with accelerator.accumulate(model):
+                logp = model(b)
+                old = old_logps[j] if old_logps[j] is not None else logp.detach()
+                loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device),
+                                     b["completion_mask"], cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
+                                     cfg.loss_type, cfg.max_completion_length,
+                                     num_sequences=len(completions), num_tokens=n_tokens)
+                # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
+                accelerator.backward(loss * len(micro))
+                if clip_here and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            sums["loss"] += loss.item() / cfg.mu
+            for k in ("tokens", "clipped", "kl"):
+                sums[k] += st[k].item() / cfg.mu
+            if it == 0:  # the trainer's and the sampler's view of the same tokens
+                sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
+                sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum().item()
+    return sums
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,112 +285,65 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
 
 
 def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
-          eval_prompts=(), sync_weights=None, suppressed=()):
-    """Runs cfg.steps GRPO steps. `model`/`optimizer` come from accelerator.prepare; `generate` is a rollout
-    function as above; `eval_prompts` (row, prompt) pairs from the test split; `sync_weights()` (optional)
-    copies the new policy into the rollout engine; `suppressed` token ids the sampler never emits."""
+          eval_prompts=(), sync_weights=None, eval_source=""):
+    """Runs cfg.steps GRPO steps: rollout, score, update, weight copy. `model`/`ref_model` are LogProbModels from
+    accelerator.prepare; `reward_funcs` {name: fn}; `generate` a rollout function as above; `eval_prompts`
+    (row, prompt) pairs never trained on (`eval_source` says where from); `sync_weights()` (optional) copies the
+    new policy into the rollout engine."""
     tok = processor.tokenizer
-    pad_id = tok.pad_token_id
-    eos_ids = set(model_eos_ids(accelerator.unwrap_model(model), tok))
-    G, n_prompts = cfg.num_generations, cfg.prompts_per_step
-    n_micro = math.ceil(n_prompts * G / cfg.micro_batch_size)
+    eos_ids = set(model_eos_ids(accelerator.unwrap_model(model).model, tok))
+    G = cfg.num_generations
     out_dir = cfg.output_dir
     metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "completions.jsonl")
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
+    accuracy_name = next((n for n, f in reward_funcs.items() if f is accuracy_reward), None)
     history = []
     bar = tqdm(range(1, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        # 1. rollout: G samples for each of this rank's prompts
-        rows_prompts = sampler.next(n_prompts)
-        rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
-        samples, sample_logps = generate(prompts, G)
-        completions, ended, sampler_logps = [], [], []
-        for i, group in enumerate(samples):
-            for j, toks in enumerate(group):
-                c, e = cut_at_eos(toks, eos_ids, pad_id)
-                completions.append(c[:cfg.max_completion_length])
-                ended.append(e)
-                if sample_logps is not None:
-                    sampler_logps.append(sample_logps[i][j][:len(completions[-1])])
+        rows, prompts, completions, ended, sampler_logps = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
         t_gen = time.time()
-        # 2. rewards and advantages (groups are whole on each rank: no communication needed)
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
-        per_reward = compute_rewards(reward_funcs, texts, columns)
-        rewards = sum(w * torch.tensor(v) for w, v in zip(weights, per_reward.values()))
-        advantages = group_advantages(rewards, G, cfg.scale_rewards)
+        per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)
         t_rew = time.time()
-        # 3. policy update: mu passes over the batch, each one optimizer step made of n_micro micro-batches
-        flat_prompts = [p for p in prompts for _ in range(G)]
-        micro = [list(range(i, min(i + cfg.micro_batch_size, len(completions))))
-                 for i in range(0, len(completions), cfg.micro_batch_size)]
-        batches = [collate([flat_prompts[i] for i in idx], [completions[i] for i in idx], pad_id) for idx in micro]
-        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
-        n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for c in completions)),
-                                                   device=accelerator.device), "mean").item()
-        old_logps, ref_logps = [None] * len(batches), [None] * len(batches)
-        with torch.no_grad():
-            for j, b in enumerate(batches):
-                if cfg.mu > 1:  # the sampling policy, frozen before the first update of this batch
-                    old_logps[j] = completion_logprobs(accelerator.unwrap_model(model), b, cfg.temperature, suppressed)
-                if cfg.beta > 0:
-                    ref_logps[j] = completion_logprobs(unwrap(ref_model), b, cfg.temperature, suppressed)
-        stats_sum = {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "sampler_diff": 0.0}
-        loss_sum = 0.0
-        model.train()
-        for it in range(cfg.mu):
-            for j, (idx, b) in enumerate(zip(micro, batches)):
-                with accelerator.accumulate(model):
-                    logp = completion_logprobs(accelerator.unwrap_model(model), b, cfg.temperature, suppressed)
-                    old = old_logps[j] if old_logps[j] is not None else logp.detach()
-                    loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device),
-                                         b["completion_mask"], cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
-                                         cfg.loss_type, cfg.max_completion_length,
-                                         num_sequences=len(completions), num_tokens=n_tokens)
-                    # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
-                    accelerator.backward(loss * n_micro)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                loss_sum += loss.item() / cfg.mu
-                for k in ("tokens", "clipped", "kl"):
-                    stats_sum[k] += st[k].item() / cfg.mu
-                if it == 0 and sampler_logps:  # the trainer's and the sampler's view of the same tokens
-                    sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
-                    stats_sum["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum().item()
+        sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
+                             sampler_logps, tok.pad_token_id)
         t_train = time.time()
         if sync_weights is not None:
             sync_weights()
         t_end = time.time()
 
-        # 4. metrics, gathered over ranks
+        # metrics, gathered over ranks
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float32)
         local = {f"reward/{k}": torch.tensor(v) for k, v in per_reward.items()}
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
-        tot = accelerator.reduce(torch.tensor([stats_sum["tokens"], stats_sum["clipped"], stats_sum["kl"],
-                                               loss_sum, stats_sum["sampler_diff"]], device=accelerator.device),
-                                 "sum").cpu()
-        m = {"step": step, "loss": tot[3].item() / accelerator.num_processes,
-             "reward_mean": g["reward"].nanmean().item(), "reward_std": g["reward"].std().item(),
+        tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff")],
+                                              device=accelerator.device), "sum").cpu().tolist()
+        n_tok = max(tot[0], 1)
+        m = {"step": step, "loss": tot[3] / accelerator.num_processes,
+             "reward_mean": g["reward"].mean().item(), "reward_std": g["reward"].std().item(),
              **{k: v.nanmean().item() for k, v in g.items() if k.startswith("reward/")},
-             "kl": tot[2].item() / max(tot[0].item(), 1), "clip_frac": tot[1].item() / max(tot[0].item(), 1),
+             "kl": tot[2] / n_tok, "clip_frac": tot[1] / n_tok,
              "completion_len_mean": g["length"].mean().item(), "completion_len_max": g["length"].max().item(),
              "truncated_frac": g["truncated"].mean().item(),
              "tokens_per_s": g["length"].sum().item() / (t_end - t0), "step_s": t_end - t0,
              "generate_s": t_gen - t0, "reward_s": t_rew - t_gen, "train_s": t_train - t_rew, "sync_s": t_end - t_train,
-             "skipped_rows": sum(sampler.skipped.values())}
-        if sampler_logps:  # mean |log p_vLLM - log p_trainer| per token: ~0 when the weight copy is exact
-            m["sampler_logp_diff"] = tot[4].item() / max(tot[0].item(), 1)
-            if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
-                tqdm.write(f"warning: step {step}: vLLM and the trainer disagree by {m['sampler_logp_diff']:.3f} "
-                           "nats/token on the sampled tokens (bf16 noise is ~0.01): is the weight copy complete?")
+             "skipped_rows": sum(sampler.skipped.values()),
+             # mean |log p_sampler - log p_trainer| per sampled token: ~0 when both score the same distribution
+             "sampler_logp_diff": tot[4] / n_tok}
+        if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
+            tqdm.write(f"warning: step {step}: the sampler and the trainer disagree by {m['sampler_logp_diff']:.3f} "
+                       "nats/token on the sampled tokens (bf16 noise is ~0.02; temperature, top_p and the suppressed "
+                       "tokens are scored as sampled): the rollout engine is sampling from other weights - check "
+                       "that the weight copy is complete")
         if torch.cuda.is_available():
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30  # this process (rank 0 on the console)
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
-        if "reward/accuracy_reward" in g:
-            m["accuracy"] = m["reward/accuracy_reward"]
+            m["eval_source"] = eval_source
+        if accuracy_name is not None:
+            m["accuracy"] = m[f"reward/{accuracy_name}"]
         history.append(m)
         if accelerator.is_main_process:
             write_jsonl(metrics_path, [m])
@@ -263,15 +376,13 @@ def pad_rows(rows, width):
     return out
 
 
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
 def save_model(model, processor, accelerator, path):
-    """save_pretrained of the full model (ZeRO-3 shards gathered) + processor: loadable by transformers and vLLM."""
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0
+    """save_pretrained of the Hugging Face model inside `model` (ZeRO-3 shards gathered) + processor: loadable by
+    transformers and vLLM."""
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0; keys are "model.<hf name>"
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path, state_dict=state, safe_serialization=True)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        accelerator.unwrap_model(model).model.save_pretrained(path, state_dict=state, safe_serialization=True)
         processor.save_pretrained(path)
     accelerator.wait_for_everyone()
 

@@ -94,10 +94,12 @@ def format_reward(completions, **columns):
 
 
 def compute_rewards(reward_funcs, completions, columns):
-    """Calls each reward; returns {name: list[float]}. A reward that raises or returns the wrong shape is named."""
+    """Calls each reward of {name: fn}; returns {name: list[float]}, keyed by the --rewards name (two names may
+    share a function). None or a non-finite value becomes NaN, which the weighted sum counts as 0 (the sample's
+    other rewards still count); each such reward is named in a warning, once. A reward that raises or returns the
+    wrong shape stops the run, named."""
     out = {}
-    for fn in reward_funcs:
-        name = getattr(fn, "__name__", repr(fn))
+    for name, fn in reward_funcs.items():
         try:
             values = fn(completions, **columns)
         except Exception as e:
@@ -111,8 +113,18 @@ def compute_rewards(reward_funcs, completions, columns):
         if len(values) != len(completions):
             raise ValueError(f"reward function '{name}' returned {len(values)} values for {len(completions)} "
                              "completions: return one float per completion")
+        bad = sum(not math.isfinite(v) for v in values)
+        if bad:
+            values = [v if math.isfinite(v) else float("nan") for v in values]
+            if name not in WARNED_REWARDS:
+                WARNED_REWARDS.add(name)
+                warnings.warn(f"reward '{name}' returned None, NaN or inf for {bad} of {len(values)} completions: "
+                              "those count as 0 in the total reward (its other rewards still count); warned once")
         out[name] = values
     return out
+
+
+WARNED_REWARDS = set()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,6 +498,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
     try:
         llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
+                  generation_config="vllm",  # no sampling defaults from the model's files: we set every one
                   max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
                   enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
                   logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
@@ -527,11 +540,13 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
         dist.all_gather_object(everyone, requests)
     else:
         everyone = [requests]
-    results = None
-    if rank == 0:
+
+    def sample_for_everyone():
         from vllm import SamplingParams
-        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_completion_length,
-                                logprobs=0, seed=None, logit_bias={i: -1e9 for i in suppressed_ids} or None)
+        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0,
+                                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                max_tokens=cfg.max_completion_length, logprobs=0, seed=None,
+                                logit_bias={i: -1e9 for i in suppressed_ids} or None)
         vllm_wake_up(llm)
         outs = llm.generate([r for rs in everyone for r in rs], params, use_tqdm=False)
         vllm_sleep(llm)
@@ -540,17 +555,38 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
         bounds = [0]
         for rs in everyone:
             bounds.append(bounds[-1] + len(rs))
-        results = [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
         for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
             if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
                 raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the processor "
                                    f"to {p['input_ids'].shape[1]}: the image sizes differ (check --max_pixels)")
-    if world > 1:
-        box = [results]
-        dist.broadcast_object_list(box, src=0)
-        results = box[0]
+        return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
+    results = on_rank0(sample_for_everyone, rank == 0, share=True)
     mine = results[rank]
     return [tokens for tokens, _ in mine], [logps for _, logps in mine]
+
+
+def on_rank0(fn, is_main, share=False):
+    """Runs fn() on rank 0 (the engine's owner) and returns its result there (on every rank with share=True).
+    If it raises there, every rank raises with its message: the others would otherwise wait forever in their
+    next collective. Every rank must call this."""
+    import torch.distributed as dist
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            if not (dist.is_initialized() and dist.get_world_size() > 1):
+                raise
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(box, src=0)
+        if box[0][1] is not None:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 stopped the run: {box[0][1]}")
+        result = box[0][0] if share else result
+    return result
 
 
 def vllm_sleep(llm):
@@ -625,28 +661,31 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     for one bucket, written by rank 0 into the staging file, loaded by the engine, released. Every rank must call
     this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0; empty
     elsewhere). Extra memory: one bucket on each GPU (the gather) and one in host memory."""
-    loaded = set()
-    for bucket in weight_buckets(named_params, bucket_mb):
-        with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
-            if is_main:
-                entries, off = [], 0
-                for n, p in bucket:
-                    t = dtype or p.dtype
-                    entries.append((n, str(t).removeprefix("torch."), list(p.shape), off))
-                    off += -(-p.numel() * t.itemsize // 64) * 64  # 64-byte aligned, so every view is aligned
-                path = weight_staging_file(llm, off)
-                flat = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=(off,)))
-                for (n, p), (_, t, shape, o) in zip(bucket, entries):
-                    dt = getattr(torch, t)
-                    flat[o:o + p.numel() * dt.itemsize].view(dt).view(shape).copy_(p.detach())
-                del flat
-        if is_main:
-            loaded.update(llm.collective_rpc("load_hf_weights", args=(path, entries))[0])
-    if is_main:
+    def stage(bucket):
+        entries, off = [], 0
+        for n, p in bucket:
+            t = dtype or p.dtype
+            entries.append((n, str(t).removeprefix("torch."), list(p.shape), off))
+            off += -(-p.numel() * t.itemsize // 64) * 64  # 64-byte aligned, so every view is aligned
+        path = weight_staging_file(llm, off)
+        flat = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=(off,)))
+        for (n, p), (_, t, shape, o) in zip(bucket, entries):
+            dt = getattr(torch, t)
+            flat[o:o + p.numel() * dt.itemsize].view(dt).view(shape).copy_(p.detach())
+        return path, entries
+
+    def reset_caches():
         llm.reset_prefix_cache()  # cached KV was computed by the old weights
         for reset in (getattr(llm, "reset_mm_cache", None), getattr(llm.llm_engine, "reset_encoder_cache", None)):
             if reset is not None:  # image features encoded by the old vision tower
                 reset()
+
+    loaded = set()
+    for bucket in weight_buckets(named_params, bucket_mb):
+        with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
+            staged = on_rank0(lambda: stage(bucket), is_main)
+        on_rank0(lambda: loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0]), is_main)
+    on_rank0(reset_caches, is_main)
     return loaded
 
 
@@ -662,24 +701,24 @@ def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None)
     def sync():
         named = list(named_params())
         trainable = [(n, p) for n, p in named if p.requires_grad]
-        if is_main:
-            vllm_wake_up(llm, tags=["weights"])
+        on_rank0(lambda: vllm_wake_up(llm, tags=["weights"]), is_main)
         if not expected:
             frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if not p.requires_grad], bucket_mb, is_main,
                                           dtype)
             expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             expected["hf"] = {n for n, _ in trainable}
-            if is_main:
-                missing = set(llm.collective_rpc("vllm_param_names")[0]) - frozen - expected["vllm"]
-                if missing:
-                    raise RuntimeError(f"the weight copy left {len(missing)} vLLM parameters unset: "
-                                       f"{sorted(missing)[:20]}; their Hugging Face names are not mapped by this vLLM")
+            on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)
             return
         left_out = expected["hf"] - {n for n, _ in trainable}
         if left_out:
             raise RuntimeError(f"the weight copy left out {sorted(left_out)[:20]}: vLLM would sample from stale weights")
         loaded = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
-        if is_main and expected["vllm"] - loaded:
-            raise RuntimeError(f"vLLM did not set {sorted(expected['vllm'] - loaded)[:20]} this time: it would sample "
-                               "from stale weights")
+        on_rank0(lambda: check_all_set(loaded, expected["vllm"]), is_main)
+
+    def check_all_set(loaded, wanted=None):
+        missing = (set(llm.collective_rpc("vllm_param_names")[0]) if wanted is None else wanted) - loaded
+        if missing:
+            raise RuntimeError(f"the weight copy left {len(missing)} vLLM parameters unset: {sorted(missing)[:20]} "
+                               "(their Hugging Face names are not mapped by this vLLM): vLLM would sample from stale "
+                               "weights")
     return sync

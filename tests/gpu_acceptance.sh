@@ -3,6 +3,7 @@
 #   bash tests/gpu_acceptance.sh tests    OUT   # GPU tests: vLLM parity on GPU 0, colocate training test on GPU 1 (or 0)
 #   bash tests/gpu_acceptance.sh two_gpu  OUT   # Qwen2-VL-2B shape: 1 ZeRO-3 rank on GPU 0 + vLLM on GPU 1, 20 steps
 #   bash tests/gpu_acceptance.sh colocate OUT   # the same model and run, training and vLLM sharing GPU 0
+#   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ZeRO-3 ranks + vLLM, every other row text-only, 5 steps
 # Each leaves its log, metrics.jsonl and nvidia-smi samples in OUT and prints the step split and per-GPU peaks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,22 @@ case $what in
     tail -n 5 "$out"/test_*.log ;;
   two_gpu)  CUDA_VISIBLE_DEVICES=0,1 bash train.sh "${args[@]}" > "$out/two_gpu.log" 2>&1; rc=$? ;;
   colocate) CUDA_VISIBLE_DEVICES=0 bash train.sh "${args[@]}" > "$out/colocate.log" 2>&1; rc=$? ;;
-  *) echo "usage: $0 tests|two_gpu|colocate OUT"; exit 2 ;;
+  mixed)  # rank r gets rows r, r+3, ...: with every other row text-only, ranks differ in having an image
+    $py -c "
+import json, os, sys
+sys.path.insert(0, '.')
+from utils import make_counting_dataset
+os.makedirs('/tmp/mixed', exist_ok=True)
+with open('/tmp/mixed/data.jsonl', 'w') as f:
+    for i, r in enumerate(make_counting_dataset(64, seed=3)):
+        image = None
+        if i % 2:
+            image = f'/tmp/mixed/{i}.png'
+            r['image'].save(image)
+        f.write(json.dumps({'problem': r['problem'], 'solution': r['solution'], 'image': image}) + chr(10))"
+    CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 900 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
+      --max_completion_length 256 --micro_batch_size 4 > "$out/mixed.log" 2>&1; rc=$? ;;
+  *) echo "usage: $0 tests|two_gpu|colocate|mixed OUT"; exit 2 ;;
 esac
 kill $smi 2>/dev/null
 [ "$what" = tests ] && exit $rc

@@ -207,3 +207,63 @@ def test_logprobs_and_gradient_match_the_full_logits(tiny_batch, temperature, ch
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads_ours[n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
+
+
+def naive_nucleus_logprobs(model, batch, temperature, top_p):
+    """Full logits, then per position: keep the most likely tokens until their mass reaches top_p, renormalise."""
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    logits = model(**inputs).logits.double() / temperature
+    C, L = batch["completion_mask"].shape[1], batch["input_ids"].shape[1]
+    out = torch.zeros(logits.shape[0], C, dtype=torch.float64)
+    for i in range(logits.shape[0]):
+        for t in range(C):
+            pos = L - C + t
+            probs = logits[i, pos - 1].softmax(-1)
+            order = probs.argsort(descending=True).tolist()
+            kept, mass = [], 0.0
+            for tok in order:  # a token is dropped when the mass of the ones less likely than it is <= 1 - top_p
+                kept.append(tok)
+                mass += probs[tok].item()
+                if mass >= top_p:
+                    break
+            row = torch.full_like(logits[i, pos - 1], float("-inf"))
+            row[kept] = logits[i, pos - 1, kept]
+            out[i, t] = row.log_softmax(-1)[batch["input_ids"][i, pos]]
+    return out
+
+
+def test_top_p_logprobs_are_those_of_the_nucleus(tiny_batch):
+    """With top_p < 1 the sampler draws from the renormalised nucleus; the loss scores the same distribution
+    (it scored the whole one: +0.22 nats/token at top_p 0.8, blamed on the weight copy)."""
+    model, batch = tiny_batch
+    keep = batch["completion_mask"] > 0
+    ours = completion_logprobs(model, batch, 0.7, (), top_p=0.8)[keep]
+    want = naive_nucleus_logprobs(model, batch, 0.7, 0.8)[keep]
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)  # -inf where a token is outside the nucleus
+    inside = torch.isfinite(want)
+    assert inside.sum() >= 5, "most of these tokens are inside the nucleus"
+    full = completion_logprobs(model, batch, 0.7, ())[keep]
+    assert (ours[inside] - full[inside]).abs().min() > 1e-3, "the nucleus renormalises every kept token's log-prob"
+
+
+def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batch):
+    """A bf16 model: LogProbModel's head computes float32 logits from the bf16 hidden states and weights (exact
+    inputs), so its log-probs match a float64 head to float32 round-off; bf16 logits were off by ~1e-3."""
+    from transformers import AutoModelForImageTextToText
+    from trainer import LogProbModel
+    _, batch = tiny_batch
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "completion_mask" else v
+             for k, v in batch.items()}
+    mask = batch["completion_mask"]
+    C = mask.shape[1]
+    with torch.no_grad():
+        bf16_head = completion_logprobs(model, batch)  # the head as the model ships it
+        ours = LogProbModel(model)(batch)
+        inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+        hidden = model.model(**inputs).last_hidden_state[:, -C - 1:-1].double()
+        want = (hidden @ model.lm_head.weight.double().T).log_softmax(-1)
+        want = want.gather(-1, batch["input_ids"][:, -C:, None])[..., 0]
+    err = ((ours.double() - want) * mask).abs().max().item()
+    assert err < 1e-5, err
+    assert ((bf16_head.double() - want) * mask).abs().max().item() > 1e-4, "bf16 logits are coarse: the test sees it"

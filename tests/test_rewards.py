@@ -364,11 +364,16 @@ def test_extract_answer_on_1mb_answer_is_bounded_and_last_tag_wins():
 # compute_rewards(reward_funcs, completions, columns)
 
 COMPLETIONS = ["<think>a</think><answer>3</answer>", "<answer>4</answer>", "junk"]
+
+
+def named(*fns):
+    """{name: fn} as main.py passes them (--rewards names); here each function's own name."""
+    return {getattr(f, "__name__", repr(f)): f for f in fns}
 COLUMNS = {"solution": ["3", "3", "3"], "problem": ["q1", "q2", "q3"]}
 
 
 def test_compute_rewards_real_rewards():
-    out = compute_rewards([accuracy_reward, format_reward], COMPLETIONS, COLUMNS)
+    out = compute_rewards(named(accuracy_reward, format_reward), COMPLETIONS, COLUMNS)
     assert list(out) == ["accuracy_reward", "format_reward"]
     assert out["accuracy_reward"] == [1.0, 0.0, 0.0]
     assert out["format_reward"] == [1.0, 0.0, 0.0]
@@ -389,7 +394,7 @@ def none_reward(completions, **columns):
 
 
 def test_compute_rewards_converts_values_and_none_to_nan():
-    out = compute_rewards([constant_reward, bool_reward, none_reward], COMPLETIONS, COLUMNS)
+    out = compute_rewards(named(constant_reward, bool_reward, none_reward), COMPLETIONS, COLUMNS)
     assert out["constant_reward"] == [1.0, 1.0, 1.0]
     assert out["bool_reward"] == [1.0, 0.0, 0.0]
     nr = out["none_reward"]
@@ -409,7 +414,7 @@ def zerodiv_reward(completions, **columns):
 @pytest.mark.parametrize("fn, original", [(keyerror_reward, "KeyError"), (zerodiv_reward, "ZeroDivisionError")])
 def test_compute_rewards_names_a_raising_reward(fn, original):
     with pytest.raises(RuntimeError) as info:
-        compute_rewards([format_reward, fn], COMPLETIONS, COLUMNS)
+        compute_rewards(named(format_reward, fn), COMPLETIONS, COLUMNS)
     assert fn.__name__ in str(info.value)
     assert original in str(info.value)
     assert type(info.value.__cause__).__name__ == original
@@ -417,7 +422,7 @@ def test_compute_rewards_names_a_raising_reward(fn, original):
 
 def test_compute_rewards_names_accuracy_reward_without_solution_column():
     with pytest.raises(RuntimeError, match="accuracy_reward"):
-        compute_rewards([accuracy_reward], COMPLETIONS, {"problem": COLUMNS["problem"]})
+        compute_rewards(named(accuracy_reward), COMPLETIONS, {"problem": COLUMNS["problem"]})
 
 
 def short_reward(completions, **columns):
@@ -435,7 +440,7 @@ def empty_reward(completions, **columns):
 @pytest.mark.parametrize("fn", [short_reward, long_reward, empty_reward])
 def test_compute_rewards_wrong_length_is_a_value_error_naming_the_function(fn):
     with pytest.raises(ValueError, match=fn.__name__) as info:
-        compute_rewards([fn], COMPLETIONS, COLUMNS)
+        compute_rewards(named(fn), COMPLETIONS, COLUMNS)
     assert str(len(COMPLETIONS)) in str(info.value)
 
 
@@ -463,12 +468,12 @@ def none_instead_of_list_reward(completions, **columns):
                                 none_instead_of_list_reward])
 def test_compute_rewards_non_numeric_is_a_type_error_naming_the_function(fn):
     with pytest.raises(TypeError, match=fn.__name__):
-        compute_rewards([fn], COMPLETIONS, COLUMNS)
+        compute_rewards(named(fn), COMPLETIONS, COLUMNS)
 
 
 def test_compute_rewards_names_lambdas_and_callables():
     with pytest.raises(ValueError, match="<lambda>"):
-        compute_rewards([lambda completions, **kw: []], COMPLETIONS, COLUMNS)
+        compute_rewards(named(lambda completions, **kw: []), COMPLETIONS, COLUMNS)
 
     class LengthReward:
         def __call__(self, completions, **columns):
@@ -478,9 +483,46 @@ def test_compute_rewards_names_lambdas_and_callables():
             return "LengthReward()"
 
     with pytest.raises(RuntimeError, match=r"LengthReward\(\)"):
-        compute_rewards([LengthReward()], COMPLETIONS, COLUMNS)
+        compute_rewards(named(LengthReward()), COMPLETIONS, COLUMNS)
 
 
 def test_compute_rewards_with_no_completions():
-    assert compute_rewards([accuracy_reward, format_reward], [], {"solution": []}) == \
+    assert compute_rewards(named(accuracy_reward, format_reward), [], {"solution": []}) == \
         {"accuracy_reward": [], "format_reward": []}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How rewards combine (trainer.score): keyed by the --rewards name, NaN-aware, warned once
+
+def inf_reward(completions, **columns):
+    return [float("inf"), 1.0, float("-inf")]
+
+
+def test_two_names_for_one_function_are_two_rewards():
+    out = compute_rewards({"fmt": format_reward, "fmt_again": format_reward}, COMPLETIONS, COLUMNS)
+    assert list(out) == ["fmt", "fmt_again"] and out["fmt"] == out["fmt_again"] == [1.0, 0.0, 0.0]
+
+
+def test_non_finite_rewards_become_nan_and_are_named_once(recwarn):
+    import utils
+    utils.WARNED_REWARDS.discard("odd")
+    out = compute_rewards({"odd": inf_reward}, COMPLETIONS, COLUMNS)
+    assert math.isnan(out["odd"][0]) and out["odd"][1] == 1.0 and math.isnan(out["odd"][2])
+    compute_rewards({"odd": inf_reward}, COMPLETIONS, COLUMNS)
+    said = [str(w.message) for w in recwarn if "'odd'" in str(w.message)]
+    assert len(said) == 1 and "2 of 3" in said[0], said
+
+
+def test_a_missing_reward_counts_as_zero_and_keeps_the_sample_s_other_rewards():
+    """Sample 0: none_reward gives None, format 1 -> total 1 (it was NaN -> 0 for the whole sample before).
+    Sample 2 of the inf reward: -inf -> 0, not a NaN that zeroes the whole group's advantages."""
+    import torch
+    from main import Config
+    from trainer import score
+    cfg = Config(num_generations=3, scale_rewards=False)
+    rows = [{"problem": "q", "solution": "3"}]
+    per, total, adv = score(rows, COMPLETIONS, {"format": format_reward, "none": none_reward}, [1.0, 2.0], cfg)
+    assert total.tolist() == [1.0, 1.0, 0.0]  # 1 + 2 x None, 0 + 2 x 0.5, 0 + 2 x None
+    torch.testing.assert_close(adv, torch.tensor([1 / 3, 1 / 3, -2 / 3]))
+    per, total, adv = score(rows, COMPLETIONS, {"format": format_reward, "inf": inf_reward}, [1.0, 1.0], cfg)
+    assert total.tolist() == [1.0, 1.0, 0.0] and adv.abs().sum() > 0

@@ -89,13 +89,13 @@ def test_smoke_run_of_train_sh_leaves_every_output(tmp_path):
         assert os.path.exists(os.path.join(out, name)), name
     ms = metrics(out)
     assert len(ms) == 2 and "eval_accuracy" in ms[-1]
-    for key in ("reward_mean", "reward_std", "reward/accuracy_reward", "reward/format_reward", "accuracy", "kl",
+    for key in ("reward_mean", "reward_std", "reward/accuracy", "reward/format", "accuracy", "kl",
                 "clip_frac", "completion_len_mean", "completion_len_max", "truncated_frac", "tokens_per_s",
                 "step_s", "generate_s", "train_s", "sync_s"):
         assert key in ms[0], key
     with open(os.path.join(out, "completions.jsonl")) as f:
         sample = json.loads(f.readline())
-    assert {"problem", "solution", "completion", "accuracy_reward", "format_reward", "advantage"} <= set(sample)
+    assert {"problem", "solution", "completion", "accuracy", "format", "advantage"} <= set(sample)
     from transformers import AutoModelForImageTextToText, AutoProcessor
     AutoModelForImageTextToText.from_pretrained(os.path.join(out, "final"))
     AutoProcessor.from_pretrained(os.path.join(out, "final"))
@@ -123,7 +123,7 @@ def test_unknown_reward_and_bad_values_are_refused(tmp_path):
 @pytest.mark.slow
 def test_a_raising_reward_is_named(tmp_path):
     fails_with([*FAST, "--rewards", "format,raising", "--steps", "1", "--output_dir", str(tmp_path)],
-               "reward function 'raising_reward' raised KeyError")
+               "reward function 'raising' raised KeyError")
 
 
 @pytest.mark.slow
@@ -179,8 +179,9 @@ def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets
     assert model.config.image_token_id in suppressed
     samples, logps = trainer.hf_generate(model, prompts, 2, processor.tokenizer.pad_token_id, 6,
                                          suppressed_ids=suppressed)
-    assert logps is None  # generate() gives no sampling log-probs; vLLM does
     assert [len(s) for s in samples] == [2, 2, 2]
+    assert [[len(lp) for lp in g] for g in logps] == [[len(s) for s in g] for g in samples]  # one per token
+    assert all(-1e9 < x <= 0 for g in logps for lp in g for x in lp)
     completions = [s for group in samples for s in group]
     assert not any(t in suppressed for c in completions for t in c)
     batch = collate([p for p in prompts for _ in range(2)], completions, processor.tokenizer.pad_token_id)
@@ -216,3 +217,93 @@ def test_every_config_field_is_a_flag():
     cfg = parse_config(["--debug", "--scale_rewards", "false", "--beta", "0", "--steps", "7", "--model", "tiny"])
     assert cfg.debug is True and cfg.scale_rewards is False and cfg.beta == 0.0 and cfg.steps == 7
     assert parse_config([]) == Config()
+
+
+# ---- the update, the sampler and the data it is computed from --------------------------------------------------
+
+def toy_run(out, processes, micro_batch_size, prompts_per_step):
+    args = ["tests/run_with_reward.py", "--model", "tiny", "--rollout", "hf", "--output_dir", out, "--rewards",
+            "uppercase", "--steps", "30", "--prompts_per_step", str(prompts_per_step), "--num_generations", "8",
+            "--micro_batch_size", str(micro_batch_size), "--max_completion_length", "8", "--learning_rate", "3e-3",
+            "--beta", "0", "--save_steps", "0", "--eval_steps", "0"]
+    if processes == 1:
+        return run([PY, *args])
+    return run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes",
+                str(processes), "--mixed_precision", "no", *args])
+
+
+@pytest.mark.slow
+def test_zero3_learns_the_toy_task_as_one_process_does(tmp_path):
+    """The same 32 samples a step (2 ZeRO-3 processes x 2 prompts x 8, or 1 process x 4 x 8), 8 micro-batches of 4
+    a step on each process: the reward curves agree within noise. When ZeRO-3 kept only the last micro-batch's
+    gradient, the 2-process run learned from an eighth of its batch."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    toy_run(one, 1, 4, 4)
+    toy_run(two, 2, 2, 2)
+    r1, r2 = [m["reward_mean"] for m in metrics(one)], [m["reward_mean"] for m in metrics(two)]
+    assert len(r1) == len(r2) == 30
+    mean = lambda xs: sum(xs) / len(xs)
+    assert r1[0] < 0.2 and r2[0] < 0.2, (r1[0], r2[0])
+    assert mean(r1[-5:]) > 0.8 and mean(r2[-5:]) > 0.8, (r1, r2)
+    assert abs(mean(r1) - mean(r2)) < 0.1, f"area under the reward curve: one process {mean(r1):.3f}, ZeRO-3 {mean(r2):.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_sampler_and_trainer_score_the_same_distribution(tmp_path, rollout):
+    """vLLM's (or generate()'s) log-prob of every sampled token equals the trainer's (fp32 on CPU: ~1e-6 nats),
+    with top_p 0.7, temperature 0.8, and a model whose generation_config asks for repetition_penalty 1.5, top_k 5
+    (Qwen2.5-VL ships repetition_penalty 1.05): the sampler may not draw from anything the loss does not score."""
+    if rollout == "vllm":
+        pytest.importorskip("vllm")
+    from utils import build_tiny_model
+    path = build_tiny_model(str(tmp_path / "model"), "qwen2_vl")
+    config_file = os.path.join(path, "generation_config.json")
+    with open(config_file) as f:
+        generation = json.load(f)
+    generation.update(repetition_penalty=1.5, top_k=5, top_p=0.3, temperature=0.2, do_sample=True)
+    with open(config_file, "w") as f:
+        json.dump(generation, f)
+    out = str(tmp_path / "run")
+    run([PY, "tests/run_with_reward.py", *FAST, "--model", path, "--rollout", rollout, "--output_dir", out,
+         "--rewards", "uppercase", "--steps", "2", "--top_p", "0.7", "--temperature", "0.8",
+         "--max_completion_length", "16"])
+    diffs = [m["sampler_logp_diff"] for m in metrics(out)]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, diffs
+
+
+@pytest.mark.slow
+def test_eval_rows_are_never_trained_on(tmp_path):
+    """A user file without a test split: eval_size rows are held out of training, and the metrics say so (before,
+    eval_accuracy was measured on rows[-eval_size:], which were trained on too)."""
+    import run_with_reward  # noqa: F401  (registers the 'uppercase' reward for parse_config)
+    from main import load_data, parse_config
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} plus one?", "solution": str(i + 1)}) + "\n"
+                            for i in range(12)))
+    out = str(tmp_path / "run")
+    args = [*FAST, "--dataset", str(data), "--output_dir", out, "--rewards", "uppercase", "--steps", "6",
+            "--prompts_per_step", "2", "--eval_steps", "3", "--eval_size", "4", "--log_completions_steps", "1"]
+    run([PY, "tests/run_with_reward.py", *args])
+    with open(os.path.join(out, "completions.jsonl")) as f:
+        trained = {json.loads(line)["problem"] for line in f}
+    _, held_out, source = load_data(parse_config(args))
+    held_out = {r["problem"] for r in held_out}
+    assert len(held_out) == 4 and len(trained) == 8 and not trained & held_out, (trained, held_out)
+    evals = [m for m in metrics(out) if "eval_accuracy" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    assert all(m["eval_source"] == source and "4 rows held out" in source for m in evals), evals
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_0_in_the_weight_copy_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone talks to vLLM; when its part of the copy fails, the other rank raises the same message
+    rather than waiting in the next bucket's gather (or dying of a closed connection that names nothing)."""
+    pytest.importorskip("vllm")
+    p = run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
+             "--mixed_precision", "no", "tests/fail_weight_copy.py", *FAST, "--rollout", "vllm", "--output_dir",
+             str(tmp_path / "fail"), "--rewards", "uppercase", "--steps", "3", "--trainable", "all"],
+            check=False, timeout=300)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "[rank1]: RuntimeError: rank 0 stopped the run: OSError: injected failure" in text, text[-3000:]

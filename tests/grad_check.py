@@ -1,0 +1,46 @@
+"""Runs main.py the way the gradient tests need it (tests/test_gradients.py):
+- plain SGD instead of AdamW: its update is exactly -lr x the gradient, so the weight change between two
+  checkpoints IS the gradient the trainer applied;
+- the real rollouts (transformers or vLLM) cut to unequal lengths (8, 7, 6, 5, 8, ...), so micro-batches hold
+  completions of different lengths;
+- every rank's rollout saved to output_dir/rollout-step{S}-rank{R}.pt, for a naive one-process recomputation.
+Everything else is the real main.main -> trainer.train (DeepSpeed ZeRO-3 when launched by accelerate).
+    python tests/grad_check.py [main.py flags]"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_with_reward  # noqa: E402,F401  (registers the test rewards)
+import main  # noqa: E402
+
+
+def sgd(params, cfg):
+    return torch.optim.SGD(params, lr=cfg.learning_rate)
+
+
+def recording_rollout(cfg, *args, **kwargs):
+    generate, sync, llm = make_rollout(cfg, *args, **kwargs)
+    calls = [0]
+
+    def cut_and_record(prompts, n):
+        samples, logps = generate(prompts, n)
+        keep = [[max(1, len(s) - (i * n + j) % 4) for j, s in enumerate(group)] for i, group in enumerate(samples)]
+        samples = [[s[:k] for s, k in zip(group, ks)] for group, ks in zip(samples, keep)]
+        if logps is not None:
+            logps = [[lp[:k] for lp, k in zip(group, ks)] for group, ks in zip(logps, keep)]
+        calls[0] += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        torch.save({"prompts": prompts, "samples": samples},
+                   os.path.join(cfg.output_dir, f"rollout-step{calls[0]}-rank{rank}.pt"))
+        return samples, logps
+    return cut_and_record, sync, llm
+
+
+make_rollout = main.make_rollout
+main.make_rollout = recording_rollout
+main.build_optimizer = sgd
+
+if __name__ == "__main__":
+    main.main(main.parse_config())

@@ -1,0 +1,181 @@
+"""One real GRPO step equals the naive full-batch gradient of the same loss.
+
+tests/grad_check.py runs the real main.main -> trainer.train (2 ZeRO-3 CPU processes under accelerate, or one
+process without DeepSpeed) with plain SGD, so `checkpoint-1 -> final` is exactly -lr x the gradient that step 2
+applied, and saves every rank's step-2 rollout. Here one process recomputes that step the naive way, from the
+loss's definition: each sequence alone (no padding, no micro-batches, the model's own full-vocabulary forward),
+advantages per group by a loop, the whole batch of every rank at once, and the same SGD update(s). Step 2, not 1:
+at step 1 the policy equals the reference, and the KL term's gradient is zero whatever the code does."""
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import run
+from test_grpo_math import naive_advantages
+
+PY = sys.executable
+LR = 1.0
+
+
+def naive_logps(model, prompt, completion, temperature, suppressed):
+    """(C,) log-probs of one completion after its own prompt: one unpadded sequence, the full logits."""
+    P, C = prompt["input_ids"].shape[1], len(completion)
+    ids = torch.cat([prompt["input_ids"][0], torch.tensor(completion)])[None]
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in prompt:
+        kw["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][0], torch.zeros(C, dtype=torch.long)])[None]
+    if prompt.get("pixel_values") is not None:
+        kw.update(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+    logits = model(**kw).logits[0, P - 1:P + C - 1].double() / temperature
+    logits[:, suppressed] = float("-inf")
+    return logits.log_softmax(-1).gather(-1, ids[0, P:, None])[:, 0]
+
+
+def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=0.2, max_grad_norm=0.0, lr=LR):
+    """The weights after `step` done by hand, starting from the checkpoint before it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import run_with_reward
+    from utils import cut_at_eos, vision_token_ids
+    start = os.path.join(out, f"checkpoint-{step - 1}")
+    model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32)
+    ref = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "base_model"), dtype=torch.float32) if beta else None
+    tok = AutoProcessor.from_pretrained(start).tokenizer
+    eos = set(model.generation_config.eos_token_id) | {tok.eos_token_id}
+    suppressed = vision_token_ids(model.config, tok)
+    ranks = sorted(f for f in os.listdir(out) if f.startswith(f"rollout-step{step}-"))
+    seqs = []  # (prompt, completion ids) of every rank, in rank order
+    for f in ranks:
+        r = torch.load(os.path.join(out, f), weights_only=False)
+        for p, group in zip(r["prompts"], r["samples"]):
+            seqs += [(p, cut_at_eos(s, eos, tok.pad_token_id)[0][:max_len]) for s in group]
+    texts = tok.batch_decode([c for _, c in seqs], skip_special_tokens=True)
+    adv = naive_advantages(run_with_reward.uppercase_reward(texts), G, True)
+    n_seq, n_tok = len(seqs), sum(len(c) for _, c in seqs)
+    with torch.no_grad():
+        old = [naive_logps(model, p, c, temperature, suppressed) for p, c in seqs]
+        refs = [naive_logps(ref, p, c, temperature, suppressed) for p, c in seqs] if beta else None
+    params = [p for p in model.parameters()]
+    for _ in range(mu):
+        model.zero_grad()
+        for i, (p, c) in enumerate(seqs):
+            logp = naive_logps(model, p, c, temperature, suppressed)
+            ratio = torch.exp(logp - old[i])
+            per_tok = -torch.minimum(ratio * adv[i], ratio.clamp(1 - eps, 1 + eps) * adv[i])
+            if beta:
+                d = refs[i] - logp
+                per_tok = per_tok + beta * (torch.exp(d) - d - 1)
+            norm = {"grpo": len(c) * n_seq, "dapo": n_tok, "dr_grpo": n_seq * max_len}[loss_type]
+            (per_tok.sum() / norm).backward()
+        grads = [w.grad if w.grad is not None else torch.zeros_like(w) for w in params]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+        scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm else 1.0
+        assert not max_grad_norm or scale < 0.5, f"the gradient norm {norm:.3g} must be well over the clip"
+        with torch.no_grad():
+            for w, g in zip(params, grads):
+                w -= lr * scale * g
+    return dict(model.named_parameters()), n_seq
+
+
+def weights(path):
+    from transformers import AutoModelForImageTextToText
+    return dict(AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).named_parameters())
+
+
+def assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, max_len, G, n_expected, step=2,
+                                             max_grad_norm=0.0, lr=LR):
+    before = weights(os.path.join(out, f"checkpoint-{step - 1}"))
+    after = weights(os.path.join(out, "final") if not os.path.isdir(os.path.join(out, f"checkpoint-{step}"))
+                    else os.path.join(out, f"checkpoint-{step}"))
+    naive, n_seq = naive_step(out, step, loss_type, mu, beta, max_len, G, max_grad_norm=max_grad_norm, lr=lr)
+    assert n_seq == n_expected
+    got = torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)]).double()
+    want = torch.cat([(naive[k].detach() - before[k]).flatten() for k in sorted(before)]).double()
+    assert want.norm() > 1e-4, "the naive step moved nothing: the test would prove nothing"
+    rel = ((got - want).norm() / want.norm()).item()
+    per_tensor = {k: ((after[k] - naive[k].detach()).norm() / (naive[k].detach() - before[k]).norm()).item()
+                  for k in sorted(before) if (naive[k].detach() - before[k]).norm() > 1e-3 * want.norm()}
+    worst = max(per_tensor, key=per_tensor.get)
+    assert rel < 1e-5 and per_tensor[worst] < 1e-4, \
+        f"update vs the naive full-batch gradient: relative error {rel:.3g} (worst tensor {worst}: {per_tensor[worst]:.3g})"
+    return rel
+
+
+def grad_check(out, processes, loss_type, mu, beta, extra=(), steps=2, max_grad_norm=0.0, lr=LR):
+    args = ["tests/grad_check.py", "--model", "tiny", "--output_dir", out, "--rewards", "uppercase",
+            "--steps", str(steps), "--save_steps", "1", "--eval_steps", "0", "--prompts_per_step", str(4 // processes),
+            "--num_generations", "4", "--micro_batch_size", "3", "--max_completion_length", "8",
+            "--learning_rate", str(lr), "--max_grad_norm", str(max_grad_norm), "--trainable", "all",
+            "--loss_type", loss_type, "--mu", str(mu), "--beta", str(beta), *extra]
+    if processes == 1:
+        return run([PY, *args])
+    return run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes",
+                str(processes), "--mixed_precision", "no", *args])
+
+
+# every loss type with mu 1 and 2 and with beta 0 and > 0, on 2 ZeRO-3 processes (micro-batches of 3, 3 and 2
+# sequences of unequal lengths on each), and the same without DeepSpeed on one process
+CASES = [("grpo", 1, 0.0), ("grpo", 2, 0.1), ("dapo", 1, 0.1), ("dapo", 2, 0.0), ("dr_grpo", 1, 0.0),
+         ("dr_grpo", 2, 0.1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,mu,beta", CASES)
+def test_zero3_step_equals_the_naive_full_batch_gradient(tmp_path, loss_type, mu, beta):
+    out = str(tmp_path / "z3")
+    grad_check(out, 2, loss_type, mu, beta, ["--rollout", "hf"])
+    assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type,mu,beta", CASES)
+def test_one_process_step_equals_the_naive_full_batch_gradient(tmp_path, loss_type, mu, beta):
+    out = str(tmp_path / "one")
+    grad_check(out, 1, loss_type, mu, beta, ["--rollout", "hf"])
+    assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_max_grad_norm_clips_the_full_batch_gradient(tmp_path, processes):
+    """--max_grad_norm clips the global norm of the whole step's gradient, with DeepSpeed (2 processes) and
+    without (1 process: it was ignored there)."""
+    out = str(tmp_path / "clip")
+    # lr x clip = 1: a clipped update as large as the unclipped ones, well above the weights' float32 round-off
+    grad_check(out, processes, "grpo", 1, 0.0, ["--rollout", "hf"], max_grad_norm=0.01, lr=100.0)
+    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.0, 8, 4, n_expected=16, max_grad_norm=0.01, lr=100.0)
+
+
+def mixed_dataset(tmp_path, n=8):
+    """Every other row text-only: rank 0 of 2 gets rows 0, 2, 4, ... (no image), rank 1 the rows with one."""
+    import json
+    from utils import make_counting_dataset
+    lines = []
+    for i, r in enumerate(make_counting_dataset(n, seed=5)):
+        image = None
+        if i % 2:
+            image = str(tmp_path / f"image{i}.png")
+            r["image"].save(image)
+        lines.append(json.dumps({"problem": r["problem"], "solution": r["solution"], "image": image}))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_zero3_with_a_rank_without_images_runs_and_its_step_is_the_full_batch_gradient(tmp_path):
+    """2 ZeRO-3 processes, vLLM rollouts, rank 0's prompts all text-only and rank 1's all with an image: the vision
+    tower's shards are gathered on one rank only unless the other runs it too (a hang before). 3 steps run, the
+    sampler agrees with the trainer, and step 2 is the naive full-batch gradient, vision tower included."""
+    pytest.importorskip("vllm")
+    out = str(tmp_path / "mixed")
+    grad_check(out, 2, "grpo", 1, 0.04, ["--rollout", "vllm", "--dataset", mixed_dataset(tmp_path)], steps=3)
+    import json
+    ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in ms] == [1, 2, 3]
+    assert all(m["sampler_logp_diff"] < 1e-4 for m in ms), [m["sampler_logp_diff"] for m in ms]
+    for rank, has_image in ((0, False), (1, True)):
+        prompts = torch.load(os.path.join(out, f"rollout-step2-rank{rank}.pt"), weights_only=False)["prompts"]
+        assert all((p.get("pixel_values") is not None) == has_image for p in prompts)
+    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)
