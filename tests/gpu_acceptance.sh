@@ -43,7 +43,7 @@ with open('/tmp/mixed/data.jsonl', 'w') as f:
             image = f'/tmp/mixed/{i}.png'
             r['image'].save(image)
         f.write(json.dumps({'problem': r['problem'], 'solution': r['solution'], 'image': image}) + chr(10))"
-    CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 900 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
+    CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 420 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
       --max_completion_length 256 --micro_batch_size 4 > "$out/mixed.log" 2>&1; rc=$? ;;
   *) echo "usage: $0 tests|two_gpu|colocate|mixed OUT"; exit 2 ;;
 esac
