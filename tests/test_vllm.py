@@ -12,9 +12,13 @@ pytestmark = pytest.mark.slow
 GPU = torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    """One engine for the module (starting one takes ~25 s on 2 CPU cores)."""
+LAYOUTS = ["cpu"] if not GPU else ["colocate", "own_gpu"] if torch.cuda.device_count() > 1 else ["colocate"]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def engine(tmp_path_factory, request):
+    """One engine per layout for the module (starting one takes ~25 s on 2 CPU cores): vLLM's CPU backend (weights
+    through the staging file); on a GPU, sharing the trainer's (staging file) or on a GPU of its own (NCCL)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
     from utils import build_prompt, build_tiny_model, make_counting_dataset, start_vllm, stop_vllm, vision_token_ids
@@ -23,8 +27,10 @@ def engine(tmp_path_factory):
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
     processor = AutoProcessor.from_pretrained(path)
     cfg = Config(model=path, max_completion_length=12)
-    llm = start_vllm(path, cfg, gpu=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] if GPU else None,
-                     colocate=GPU)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if request.param == "own_gpu" else visible[0],
+                     colocate=request.param == "colocate")
+    assert (llm.weight_group is not None) == (request.param == "own_gpu")  # NCCL exactly where it applies
     rows = make_counting_dataset(3, seed=5)
     rows[2]["image"] = None  # a text-only prompt in the same batch
     prompts = [build_prompt(processor, r, cfg) for r in rows]
