@@ -162,6 +162,7 @@ def main(cfg):
         raise SystemExit("DS_ACCELERATOR=cpu is set but a GPU is visible: DeepSpeed's CPU accelerator under NCCL "
                          "fails ('No backend type associated with device type cpu'). Unset DS_ACCELERATOR, or hide "
                          "the GPUs with CUDA_VISIBLE_DEVICES= for a CPU run.")
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs: the float32 LM head's bf16 inputs are exact in it
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
