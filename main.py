@@ -14,7 +14,7 @@ import torch
 
 import trainer
 from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
-                   start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep)
+                   on_rank0, start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -25,7 +25,7 @@ TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl"}
 class Config:
     model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL / Qwen2.5-VL model; 'tiny' or 'tiny-qwen2.5' build a random tiny one offline"})
     dataset: str = field(default="counting", metadata={"help": "'counting' (built-in synthetic images), a local .json/.jsonl/.parquet file, or a hub dataset name"})
-    eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows held out of --dataset and never trained on)"})
+    eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows, at most a fifth, held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
     solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
     image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, bytes or PIL); rows without one are text-only"})
@@ -108,6 +108,9 @@ def check_config(cfg):
     for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1")
+    for f in dataclasses.fields(cfg):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            problems.append(f"--{f.name} {getattr(cfg, f.name)}: give a finite number")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (the loss divides logits by it)")
     if not 0 < cfg.top_p <= 1:
@@ -241,7 +244,8 @@ def main(cfg):
 
 def load_data(cfg):
     """(training rows, eval rows, where the eval rows come from). Eval rows are never trained on: --eval_dataset,
-    the built-in test split, a hub dataset's 'test' split, or else eval_size rows held out of --dataset."""
+    the built-in test split, a hub dataset's 'test' split, or else eval_size rows (at most a fifth) held out of
+    --dataset."""
     columns = (cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
     rows = load_rows(cfg.dataset, "train", *columns)
     if not (cfg.eval_steps and cfg.eval_size):
@@ -253,13 +257,16 @@ def load_data(cfg):
             return rows, load_rows(cfg.dataset, "test", *columns), f"the 'test' split of {cfg.dataset}"
         except ValueError:
             pass  # a hub dataset without a test split: hold rows out below
-    if len(rows) <= cfg.eval_size:
-        raise SystemExit(f"--eval_size {cfg.eval_size} would hold out all {len(rows)} rows of {cfg.dataset} for "
-                         "evaluation: lower --eval_size, give --eval_dataset, or --eval_steps 0")
+    n = min(cfg.eval_size, len(rows) // 5)  # at most a fifth of the file: training keeps most of a small one
+    if n == 0:
+        import warnings
+        warnings.warn(f"--dataset {cfg.dataset} has {len(rows)} rows, too few to hold any out: no eval_accuracy "
+                      "(give --eval_dataset to measure it)")
+        return rows, [], ""
     import random
-    held = set(random.Random(cfg.seed).sample(range(len(rows)), cfg.eval_size))
+    held = set(random.Random(cfg.seed).sample(range(len(rows)), n))
     return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)],
-            f"{cfg.eval_size} rows held out of {cfg.dataset} (never trained on)")
+            f"{n} rows held out of {cfg.dataset} (never trained on)")
 
 
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
@@ -276,7 +283,7 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
         colocate = n_gpu <= accelerator.num_processes  # no GPU left for vLLM: it shares rank 0's and sleeps
         gpu = visible[accelerator.device.index] if colocate else visible[n_gpu - 1]
-    llm = start_vllm(path, cfg, gpu, colocate) if accelerator.is_main_process else None
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate), accelerator.is_main_process)
     dtype = torch.bfloat16 if gpu is not None else torch.float32
     sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
                             accelerator.is_main_process, dtype)

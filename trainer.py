@@ -67,7 +67,7 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
                         blank_image=False):
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
-    masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule). Runs the backbone once,
+    masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored. Runs the backbone once,
     then the LM head over chunks of positions, each under activation checkpointing: no (B, C, vocab) float32
     tensor ever exists, in forward or backward. `blank_image`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
@@ -84,8 +84,10 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
         if suppressed is not None:
             logits = logits.index_fill(-1, suppressed, float("-inf"))
-        if top_p < 1:
-            logits = logits.masked_fill(outside_nucleus(logits.detach(), top_p), float("-inf"))
+        if top_p < 1:  # the scored token stays in: a sampled token at the nucleus' edge (bf16 noise), a padding
+            # target or a reference whose nucleus lacks it would otherwise get -inf and make the loss NaN
+            drop = outside_nucleus(logits.detach(), top_p).scatter(-1, t[..., None], False)
+            logits = logits.masked_fill(drop, float("-inf"))
         return torch.gather(logits.log_softmax(-1), -1, t[..., None])[..., 0]
 
     out = []

@@ -641,7 +641,7 @@ def on_rank0(fn, is_main, share=False):
     if is_main:
         try:
             result = fn()
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             if not (dist.is_initialized() and dist.get_world_size() > 1):
                 raise
             error = e

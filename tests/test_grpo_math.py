@@ -226,6 +226,7 @@ def naive_nucleus_logprobs(model, batch, temperature, top_p):
                 mass += probs[tok].item()
                 if mass >= top_p:
                     break
+            kept.append(batch["input_ids"][i, pos].item())  # the scored token always counts (sampled, so kept)
             row = torch.full_like(logits[i, pos - 1], float("-inf"))
             row[kept] = logits[i, pos - 1, kept]
             out[i, t] = row.log_softmax(-1)[batch["input_ids"][i, pos]]
@@ -237,13 +238,19 @@ def test_top_p_logprobs_are_those_of_the_nucleus(tiny_batch):
     (it scored the whole one: +0.22 nats/token at top_p 0.8, blamed on the weight copy)."""
     model, batch = tiny_batch
     keep = batch["completion_mask"] > 0
-    ours = completion_logprobs(model, batch, 0.7, (), top_p=0.8)[keep]
+    every = completion_logprobs(model, batch, 0.7, (), top_p=0.8)
+    ours = every[keep]
     want = naive_nucleus_logprobs(model, batch, 0.7, 0.8)[keep]
-    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)  # -inf where a token is outside the nucleus
-    inside = torch.isfinite(want)
-    assert inside.sum() >= 5, "most of these tokens are inside the nucleus"
+    torch.testing.assert_close(ours, want, rtol=1e-9, atol=1e-9)
     full = completion_logprobs(model, batch, 0.7, ())[keep]
-    assert (ours[inside] - full[inside]).abs().min() > 1e-3, "the nucleus renormalises every kept token's log-prob"
+    assert (ours - full).abs().min() > 1e-3, "the nucleus renormalises every scored token's log-prob"
+    # padding targets (rows of 3 and 5 tokens in a 7-column batch) too: a -inf there made the loss NaN
+    assert torch.isfinite(every).all(), every
+    logp = completion_logprobs(model, batch, 0.7, (), top_p=0.8)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach() - 0.1, torch.ones(3, dtype=torch.float64),
+                        batch["completion_mask"], beta=0.04)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batch):

@@ -212,6 +212,11 @@ def test_debug_flag_waits_for_a_debugger_on_port_5678(tmp_path):
         proc.wait()
 
 
+def test_non_finite_numbers_are_refused(tmp_path):
+    fails_with([*FAST, "--beta", "nan", "--max_grad_norm", "inf", "--output_dir", str(tmp_path)],
+               "--beta nan: give a finite number", "--max_grad_norm inf: give a finite number")
+
+
 def test_every_config_field_is_a_flag():
     from main import Config, parse_config
     cfg = parse_config(["--debug", "--scale_rewards", "false", "--beta", "0", "--steps", "7", "--model", "tiny"])
@@ -280,18 +285,18 @@ def test_eval_rows_are_never_trained_on(tmp_path):
     from main import load_data, parse_config
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i} plus one?", "solution": str(i + 1)}) + "\n"
-                            for i in range(12)))
+                            for i in range(20)))
     out = str(tmp_path / "run")
-    args = [*FAST, "--dataset", str(data), "--output_dir", out, "--rewards", "uppercase", "--steps", "6",
-            "--prompts_per_step", "2", "--eval_steps", "3", "--eval_size", "4", "--log_completions_steps", "1"]
+    args = [*FAST, "--dataset", str(data), "--output_dir", out, "--rewards", "uppercase", "--steps", "8",
+            "--prompts_per_step", "2", "--eval_steps", "4", "--eval_size", "4", "--log_completions_steps", "1"]
     run([PY, "tests/run_with_reward.py", *args])
     with open(os.path.join(out, "completions.jsonl")) as f:
         trained = {json.loads(line)["problem"] for line in f}
     _, held_out, source = load_data(parse_config(args))
     held_out = {r["problem"] for r in held_out}
-    assert len(held_out) == 4 and len(trained) == 8 and not trained & held_out, (trained, held_out)
+    assert len(held_out) == 4 and len(trained) == 16 and not trained & held_out, (trained, held_out)
     evals = [m for m in metrics(out) if "eval_accuracy" in m]
-    assert [m["step"] for m in evals] == [3, 6]
+    assert [m["step"] for m in evals] == [4, 8]
     assert all(m["eval_source"] == source and "4 rows held out" in source for m in evals), evals
 
 
