@@ -67,9 +67,9 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
                         blank_image=False):
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
-    masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored. Runs the backbone once,
-    then the LM head over chunks of positions, each under activation checkpointing: no (B, C, vocab) float32
-    tensor ever exists, in forward or backward. `blank_image`: see with_blank_image."""
+    masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored.
+    Runs the backbone once, then the LM head over chunks of positions, each under activation checkpointing: no
+    (B, C, vocab) float32 tensor ever exists, in forward or backward. `blank_image`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
     if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
         batch = with_blank_image(batch, model.config)
@@ -360,7 +360,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             if step % cfg.log_completions_steps == 0 or step == 1:
                 write_jsonl(samples_path, [{"step": step, "problem": rows[i // G].get("problem"),
                                             "solution": rows[i // G].get("solution"), "completion": texts[i],
-                                            **{k: v[i] for k, v in per_reward.items()}, "advantage": advantages[i].item()}
+                                            **{k: v[i] for k, v in per_reward.items()},
+                                            "advantage": advantages[i].item()}
                                            for i in range(min(len(texts), 2 * G))])
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m.get('accuracy', float('nan')):.2f}",
                             kl=f"{m['kl']:.4f}", len=f"{m['completion_len_mean']:.0f}", s=f"{m['step_s']:.1f}")

@@ -121,18 +121,11 @@ CASES = [("grpo", 1, 0.0), ("grpo", 2, 0.1), ("dapo", 1, 0.1), ("dapo", 2, 0.0),
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("processes", [2, 1], ids=["zero3", "one_process"])
 @pytest.mark.parametrize("loss_type,mu,beta", CASES)
-def test_zero3_step_equals_the_naive_full_batch_gradient(tmp_path, loss_type, mu, beta):
-    out = str(tmp_path / "z3")
-    grad_check(out, 2, loss_type, mu, beta, ["--rollout", "hf"])
-    assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, 8, 4, n_expected=16)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("loss_type,mu,beta", CASES)
-def test_one_process_step_equals_the_naive_full_batch_gradient(tmp_path, loss_type, mu, beta):
-    out = str(tmp_path / "one")
-    grad_check(out, 1, loss_type, mu, beta, ["--rollout", "hf"])
+def test_step_equals_the_naive_full_batch_gradient(tmp_path, processes, loss_type, mu, beta):
+    out = str(tmp_path / "run")
+    grad_check(out, processes, loss_type, mu, beta, ["--rollout", "hf"])
     assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, 8, 4, n_expected=16)
 
 
