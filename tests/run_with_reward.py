@@ -22,4 +22,4 @@ def raising_reward(completions, **columns):
 
 main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward)
 if __name__ == "__main__":
-    main.main(main.parse_config())
+    main.cli()

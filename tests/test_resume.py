@@ -1,0 +1,241 @@
+"""Stop a run any way and lose nothing: kill -9 and resume, Ctrl-C, no orphan processes or staging files, the
+output_dir rules. Real processes: accelerate + DeepSpeed ZeRO-3 over gloo, vLLM's CPU backend or transformers."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ON_GPU, ROOT, run
+
+PY = sys.executable
+LAUNCH = [PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
+          "--mixed_precision", "no", "tests/run_with_reward.py"]
+# 6 steps that change the weights and the metrics (upper-case reward, AdamW at a high rate, KL to a reference)
+RUN = ["--model", "tiny", "--rewards", "uppercase", "--steps", "6", "--save_steps", "2", "--eval_steps", "0",
+       "--prompts_per_step", "2", "--num_generations", "4", "--micro_batch_size", "3", "--max_completion_length", "8",
+       "--learning_rate", "3e-3", "--beta", "0.04", "--trainable", "all", "--log_completions_steps", "1"]
+TIMING = {"step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "peak_mem_gb"}
+
+
+def env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+            **({} if ON_GPU else {"DS_ACCELERATOR": "cpu"})}
+
+
+def start(args, log):
+    """The launcher in a session of its own (as a terminal job would be), its output in `log`."""
+    return subprocess.Popen(args, cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, timeout, proc=None, what=""):
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def tree(proc):
+    p = psutil.Process(proc.pid)
+    return [p, *p.children(recursive=True)]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_run(a, b):
+    """Final weights to fp32 round-off and every per-step metric but the timings."""
+    wa, wb = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= 1e-6, f"final weights differ by {worst}"
+    ma, mb = metrics(a), metrics(b)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma] == list(range(1, len(ma) + 1))
+    for x, y in zip(ma, mb):
+        keys = set(x) - TIMING
+        assert keys == set(y) - TIMING
+        diff = {k: (x[k], y[k]) for k in keys if x[k] != y[k] and not (x[k] != x[k] and y[k] != y[k])}  # NaN == NaN
+        assert not diff, f"step {x['step']}: {diff}"
+
+
+UNINTERRUPTED = {}
+
+
+def uninterrupted(tmp_path_factory, rollout):
+    """One uninterrupted run per rollout backend (shared by the tests below)."""
+    if rollout not in UNINTERRUPTED:
+        out = str(tmp_path_factory.mktemp(f"whole_{rollout}") / "run")
+        run([*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out, "--save_total_limit", "2"])
+        UNINTERRUPTED[rollout] = out
+    return UNINTERRUPTED[rollout]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, tmp_path_factory, rollout):
+    """kill -9 of the whole process tree at a random moment after the first checkpoint, then the same command with
+    --resume auto: the same final weights (1e-6) and the same metrics at every step as a run never stopped.
+    Without the optimizer/RNG/sampler state in checkpoints (or with vLLM sampling from its own generator) the
+    resumed steps differ."""
+    if rollout == "vllm":
+        pytest.importorskip("vllm")
+    whole = uninterrupted(tmp_path_factory, rollout)
+    ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(whole, "checkpoint-*")))
+    assert ckpts == ["checkpoint-4", "checkpoint-6"], ckpts  # --save_total_limit 2 kept the last two
+
+    out = str(tmp_path / "run")
+    args = [*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out]
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = start(args, log)
+        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint-2", "trainer_state.json")), 600, proc,
+                 "checkpoint-2")
+        time.sleep(random.uniform(0, 2))
+        procs = tree(proc)
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=10)
+    assert not (tmp_path / "run" / "final").exists(), "killed too late: the run had finished"
+    done = max(m["step"] for m in metrics(out))
+    print(f"killed after step {done}")
+
+    p = run([*args, "--resume", "auto"])
+    assert "resumed from" in p.stdout + p.stderr
+    same_run(whole, out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_path_factory):
+    """SIGINT to the launcher (a terminal's Ctrl-C): the step in progress finishes, a resumable checkpoint, the
+    curves and metrics are written, the run exits non-zero saying how to continue; continuing ends where the
+    uninterrupted run does."""
+    whole = uninterrupted(tmp_path_factory, "hf")
+    out = str(tmp_path / "run")
+    args = [*LAUNCH, *RUN, "--rollout", "hf", "--output_dir", out, "--save_steps", "0"]
+    with open(tmp_path / "stopped.log", "w") as log:
+        proc = start(args, log)
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    text = (tmp_path / "stopped.log").read_text()
+    assert code != 0, text[-3000:]
+    assert "--resume auto" in text, text[-3000:]
+    step = max(m["step"] for m in metrics(out))
+    assert step < 6, "the run ended before the signal"
+    assert os.path.exists(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"))
+    assert os.path.exists(os.path.join(out, "curves.png"))
+    run([*args, "--resume", "auto"])
+    same_run(whole, out)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
+    """`kill -9` of the launcher alone: within 10 s every rank and the vLLM engine's processes are gone and the
+    weight staging file is removed (before: the ranks trained on, the engine outlived them, the file stayed)."""
+    pytest.importorskip("vllm")
+    out = str(tmp_path / "run")
+    args = [*LAUNCH, *RUN, "--rollout", "vllm", "--output_dir", out, "--steps", "50"]
+    with open(tmp_path / "run.log", "w") as log:
+        proc = start(args, log)
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
+        procs = tree(proc)
+        pids = {p.pid for p in procs}
+        staging = [f for f in glob.glob("/dev/shm/grpo_vl_weights_*") + glob.glob("/tmp/grpo_vl_weights_*")
+                   if int(os.path.basename(f).split("_")[3]) in pids]
+        assert staging, "no staging file found: the test would prove nothing"
+        assert len(procs) >= 4, [p.name() for p in procs]  # launcher, 2 ranks, the engine (and the watchdogs)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t0 = time.time()
+        gone, alive = psutil.wait_procs(procs[1:], timeout=10)
+    assert not alive, f"still running 10 s after kill -9 of the launcher: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
+    print(f"all {len(gone)} processes gone {time.time() - t0:.1f} s after the kill")
+    left = [f for f in staging if os.path.exists(f)]
+    assert not left, f"staging files left: {left}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output_dir rules, decided before any model is loaded.
+
+def main_py(*args):
+    return run([PY, "main.py", "--model", "tiny", "--rollout", "hf", *args], check=False, timeout=120)
+
+
+def test_an_earlier_run_is_never_silently_reused(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    p = main_py("--output_dir", str(out))
+    assert p.returncode != 0
+    assert "--resume auto" in p.stderr and "--overwrite true" in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("already holds") == 1 and "Traceback" not in p.stderr
+    assert (out / "metrics.jsonl").exists()  # nothing deleted
+
+    p = main_py("--output_dir", str(out), "--resume", str(out / "checkpoint-2"))  # no trainer_state.json: incomplete
+    assert p.returncode != 0 and "not a complete checkpoint" in p.stderr, p.stderr[-2000:]
+    p = main_py("--output_dir", str(out), "--resume", "auto", "--overwrite", "true")
+    assert p.returncode != 0 and "contradict" in p.stderr
+
+
+def test_resume_refuses_a_config_that_changes_the_math(tmp_path):
+    """A checkpoint's run continued with another learning rate, G or model would be a different run: refused,
+    naming each difference; flags that change no math (steps, save_steps, ...) may change."""
+    sys.path.insert(0, ROOT)
+    import main
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    saved = main.Config(output_dir=str(out))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "num_processes": 1, "history": [],
+                                                         "config": main.dataclasses.asdict(saved)}))
+    ok = main.Config(output_dir=str(out), resume="auto", steps=500, save_steps=7, eval_steps=3)
+    assert main.resolve_output_dir(ok, True) == str(ckpt)
+    changed = main.Config(output_dir=str(out), resume="auto", learning_rate=2e-6, num_generations=4, model="tiny")
+    with pytest.raises(SystemExit) as e:
+        main.resolve_output_dir(changed, True)
+    assert "--learning_rate 1e-06 -> 2e-06" in str(e.value) and "--num_generations 8 -> 4" in str(e.value)
+    assert "--model Qwen/Qwen2-VL-2B-Instruct -> tiny" in str(e.value) and "--steps" not in str(e.value)
+
+
+def test_overwrite_deletes_only_the_earlier_runs_outputs(tmp_path):
+    sys.path.insert(0, ROOT)
+    import main
+    out = tmp_path / "run"
+    for d in ("checkpoint-2", "checkpoint-4.tmp", "final", "base_model"):
+        (out / d).mkdir(parents=True)
+    for f in ("metrics.jsonl", "completions.jsonl", "config.json", "curves.png", "notes.txt"):
+        (out / f).write_text("x")
+    assert main.resolve_output_dir(main.Config(output_dir=str(out), overwrite=True), True) == ""
+    assert sorted(os.listdir(out)) == ["base_model", "notes.txt"]  # the user's own file stays
+    # --resume auto with no complete checkpoint starts over the same way
+    (out / "metrics.jsonl").write_text("x")
+    assert main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto"), True) == ""
+    assert sorted(os.listdir(out)) == ["base_model", "notes.txt"]
+
+
+def test_a_reused_base_model_folder_is_rebuilt_for_another_tiny_model_or_seed(tmp_path):
+    """Before: the old base_model/ was trained whatever --model tiny-qwen2.5 or --seed said."""
+    from transformers import AutoConfig
+
+    from utils import build_tiny_model
+    path = str(tmp_path / "base_model")
+    build_tiny_model(path, "qwen2_vl", seed=0)
+    w0 = load_file(os.path.join(path, "model.safetensors"))
+    build_tiny_model(path, "qwen2_vl", seed=1)
+    w1 = load_file(os.path.join(path, "model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    build_tiny_model(path, "qwen2_5_vl", seed=1)
+    assert AutoConfig.from_pretrained(path).model_type == "qwen2_5_vl"
