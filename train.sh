@@ -13,7 +13,7 @@ if [ "$gpus" -eq 0 ]; then
   echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, 2 ZeRO-3 processes on gloo"
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   exec $py -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 2 --mixed_precision no \
-    main.py --model tiny --output_dir outputs/smoke --steps 8 --prompts_per_step 2 --num_generations 4 \
+    main.py --model tiny --output_dir outputs/smoke --overwrite true --steps 8 --prompts_per_step 2 --num_generations 4 \
     --max_completion_length 48 --learning_rate 1e-4 --save_steps 4 --eval_steps 4 --eval_size 8 --log_completions_steps 2 "$@"
 fi
 procs=$(( gpus > 1 ? gpus - 1 : 1 ))
