@@ -75,18 +75,28 @@ class Config:
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
     debug: bool = field(default=False, metadata={"help": "rank 0 waits for a debugger (debugpy) on port 5678"})
+    check_only: bool = field(default=False, metadata={"help": "check the flags, the data and model paths and output_dir, then exit (train.sh does this before it launches)"})
 
 
 def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", "on"), int: int, float: float}.get(f.type, str)
+        kind = {bool: parse_bool, int: int, float: float}.get(f.type, str)
         flag = dict(nargs="?", const=True) if f.type is bool else {}  # `--debug` alone means true
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
                             help=f"{f.metadata['help']} (default: {f.default})", **flag)
+    parser.error = lambda message: user_error(f"{message} (python main.py --help lists every flag)")  # no usage dump
     cfg = Config(**vars(parser.parse_args(argv)))
     check_config(cfg)
     return cfg
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true or false")
 
 
 def check_config(cfg):
@@ -114,6 +124,17 @@ def check_config(cfg):
     for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1")
+    if cfg.steps < 1 and cfg.epochs <= 0:
+        problems.append(f"--steps {cfg.steps}: train at least 1 step (or give --epochs)")
+    for name in ("epochs", "eval_steps", "eval_size", "log_completions_steps", "learning_rate", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    if not 0 < cfg.min_pixels <= cfg.max_pixels:
+        problems.append(f"--min_pixels {cfg.min_pixels} --max_pixels {cfg.max_pixels}: need 0 < min_pixels <= "
+                        "max_pixels (e.g. 3136 and 200704)")
+    if not 0 <= cfg.vllm_gpu_memory_utilization < 1:
+        problems.append(f"--vllm_gpu_memory_utilization {cfg.vllm_gpu_memory_utilization}: a share in [0, 1) "
+                        "(0: the default for the layout)")
     for f in dataclasses.fields(cfg):
         if f.type is float and not math.isfinite(getattr(cfg, f.name)):
             problems.append(f"--{f.name} {getattr(cfg, f.name)}: give a finite number")
@@ -151,7 +172,18 @@ RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png"
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
                      "eval_steps", "eval_size", "eval_dataset", "log_completions_steps", "report_to", "strict", "debug",
                      "gradient_checkpointing", "attn_implementation", "vllm_gpu_memory_utilization",
-                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager"}
+                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only"}
+
+
+def check_paths(cfg):
+    """Local files named in the flags exist (else a path would be looked up on the Hub, and fail far later)."""
+    def looks_local(name):
+        return name.startswith((".", "/", "~")) or name.count("/") > 1 or \
+            os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet")
+    for flag in ("dataset", "eval_dataset", "model"):
+        name = getattr(cfg, flag)
+        if name and looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+            user_error(f"--{flag} {name}: no such file or folder (looked for {os.path.abspath(os.path.expanduser(name))})")
 
 
 def resolve_output_dir(cfg, is_main):
@@ -233,6 +265,7 @@ def main(cfg):
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
         signal.signal(sig, stop_after_this_step)
     is_main = int(os.environ.get("RANK", "0")) == 0
+    check_paths(cfg)
     resume_from = resolve_output_dir(cfg, is_main)
     path = cfg.model
     if cfg.model in TINY:
@@ -454,7 +487,12 @@ def cli(argv=None):
     dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
     import sys
     try:
-        main(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.check_only:  # nothing written, nothing deleted
+            check_paths(cfg)
+            resolve_output_dir(cfg, is_main=False)
+        else:
+            main(cfg)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1

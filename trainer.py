@@ -376,7 +376,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         history.append(m)
         if accelerator.is_main_process:
             write_jsonl(metrics_path, [m])
-            if step % cfg.log_completions_steps == 0 or step == 1:
+            if cfg.log_completions_steps and (step % cfg.log_completions_steps == 0 or step == 1):
                 write_jsonl(samples_path, [{"step": step, "problem": rows[i // G].get("problem"),
                                             "solution": rows[i // G].get("solution"), "completion": texts[i],
                                             **{k: v[i] for k, v in per_reward.items()},

@@ -169,24 +169,46 @@ def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
 
 
 def load_image(value, min_pixels, max_pixels):
-    """A PIL image from a path, bytes, {'bytes'|'path': ...} (datasets' Image feature) or PIL, resized within
-    [min_pixels, max_pixels] the way qwen-vl-utils does. Raises ValueError if it cannot be read."""
+    """A PIL image from a path, a file:// or http(s):// URL, a data:image/...;base64 URI, bytes, {'bytes'|'path': ...}
+    (datasets' Image feature) or PIL, in RGB (to_rgb), resized within [min_pixels, max_pixels] the way
+    qwen-vl-utils does. Raises ValueError if it cannot be read."""
+    import base64
     from qwen_vl_utils import fetch_image
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     try:
+        if isinstance(value, str) and value.startswith("data:image"):
+            try:
+                value = base64.b64decode(value.partition(",")[2], validate=True)
+            except ValueError as e:  # binascii.Error
+                raise ValueError(f"unreadable image (a data: URI that is not base64: {e})") from e
+        elif isinstance(value, str) and value.startswith(("http://", "https://")):
+            value = fetch_image({"image": value})  # qwen-vl-utils downloads it (needs the network)
+        elif isinstance(value, str):
+            value = Image.open(value.removeprefix("file://"))
         if isinstance(value, (bytes, bytearray)):
             value = Image.open(io.BytesIO(value))
-        elif isinstance(value, str):
-            value = Image.open(value)
         if not isinstance(value, Image.Image):
-            raise ValueError(f"expected a path, bytes or PIL image, got {type(value).__name__}")
+            raise ValueError(f"expected a path, URL, bytes or PIL image, got {type(value).__name__}")
         value.load()
-        return fetch_image({"image": value.convert("RGB"), "min_pixels": min_pixels, "max_pixels": max_pixels})
+        return fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels})
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(image):
+    """RGB as it looks: transparency composited on white (black line art on a transparent ground stays black on
+    white, not black on black), 16-bit and float grey scaled to 8 bits (not clipped to white), palettes expanded."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and a.max() <= 1 else 255.0 if a.max() <= 255 else 65535.0
+        image = Image.fromarray(np.clip(a / top * 255, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
 
 
 def load_rows(name, split, question_column, solution_column, image_column, seed=0):
@@ -217,10 +239,18 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     if image_column and image_column not in ds.column_names:
         warnings.warn(f"--dataset {name}: no image column '{image_column}' ({ds.column_names}); text-only prompts "
                       "(set --image_column to the right name to use images)")
+    if "completions" in ds.column_names:
+        raise ValueError(f"--dataset {name} has a column named 'completions', the argument every reward takes the "
+                         "completions by: rename that column")
+    folder = os.path.dirname(os.path.abspath(name)) if os.path.exists(name) else None
     rows = []
-    for r in ds:
-        row = {k: v for k, v in r.items() if k not in (question_column, solution_column, image_column)}
-        row.update(problem=r[question_column], solution=r[solution_column], image=r.get(image_column))
+    for r in ds:  # every column under its own name (rewards may ask for it), plus problem/solution/image
+        row = dict(r)
+        image = r.get(image_column)
+        if folder and isinstance(image, str) and not image.startswith(("/", "http://", "https://", "data:")):
+            image = image.removeprefix("file://")
+            image = image if os.path.isabs(image) else os.path.join(folder, image)  # relative to the data file
+        row.update(problem=r[question_column], solution=r[solution_column], image=image)
         rows.append(row)
     if not rows:
         raise ValueError(f"--dataset {name} split '{split}' is empty: point --dataset at data with rows")

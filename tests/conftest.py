@@ -21,12 +21,12 @@ def tiny_qwen2_vl(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "qwen2_vl"), "qwen2_vl")
 
 
-def run(args, timeout=600, env=None, check=True):
-    """Runs a command from the repo root with this interpreter's environment; returns the CompletedProcess."""
+def run(args, timeout=600, env=None, check=True, cwd=ROOT):
+    """Runs a command (from the repo root unless cwd) with this interpreter's environment; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if not ON_GPU:
         full_env["DS_ACCELERATOR"] = "cpu"
-    p = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
     return p

@@ -1,0 +1,150 @@
+"""Bad input, as a new user gives it: each case stops before any model loads with one message that names the flag
+or file and the fix, printed once, no traceback. And inputs that used to be silently wrong: relative paths from
+the user's own folder, image paths relative to the data file, file:// and data: URIs, transparent / 16-bit /
+palette images, the user's own column names in rewards."""
+import base64
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import ROOT, run
+
+sys.path.insert(0, ROOT)
+import utils  # noqa: E402
+
+PY = sys.executable
+# (flags, what the one message must say)
+BAD_FLAGS = [
+    (["--steps", "0"], "--steps 0: train at least 1 step"),
+    (["--log_completions_steps", "-1"], "--log_completions_steps -1: must be >= 0"),
+    (["--eval_steps", "-5"], "--eval_steps -5: must be >= 0"),
+    (["--top_p", "0"], "--top_p 0.0: use a value in (0, 1]"),
+    (["--min_pixels", "300000"], "--min_pixels 300000 --max_pixels 200704: need 0 < min_pixels <= max_pixels"),
+    (["--scale_rewards", "ture"], "'ture' is not a boolean: use true or false"),
+    (["--beta", "-1"], "--beta -1.0: the KL weight must be >= 0"),
+    (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be >= 0"),
+    (["--learning_rate", "-1e-5"], "argument --learning_rate: expected one argument"),  # argparse: an option
+    (["--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["--vllm_gpu_memory_utilization", "1.5"], "--vllm_gpu_memory_utilization 1.5: a share in [0, 1)"),
+    (["--dataset", "mydata.jsonl"], "--dataset mydata.jsonl: no such file or folder"),
+    (["--eval_dataset", "data/test.parquet"], "--eval_dataset data/test.parquet: no such file or folder"),
+    (["--model", "./my-model"], "--model ./my-model: no such file or folder"),
+    (["--resume", "auto", "--overwrite", "true"], "--resume and --overwrite true contradict each other"),
+    (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
+    (["--rewards", "accuracy,nope"], "unknown ['nope']"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_stops_with_one_message(tmp_path, flags, message):
+    p = run([PY, os.path.join(ROOT, "main.py"), "--check_only", "true", "--output_dir", str(tmp_path / "out"),
+             *flags], check=False, timeout=120)
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert message in text, text[-2000:]
+    assert text.count(message) == 1 and "Traceback" not in text, text[-2000:]
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    p = run([PY, "main.py", "--check_only", "true", "--output_dir", str(tmp_path / "out")], check=False)
+    assert p.returncode != 0 and "is a file: name a folder" in p.stderr and "Traceback" not in p.stderr
+
+
+def line_art(path, mode):
+    """Black strokes on a transparent ground (RGBA), as drawn by most tools; or the same as a palette image."""
+    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(img).rectangle([16, 16, 47, 47], outline=(0, 0, 0, 255), width=4)
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+        img.info["transparency"] = img.getpixel((0, 0))
+    img.save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P"])
+def test_transparent_line_art_is_black_on_white(tmp_path, mode):
+    """Before: converted straight to RGB, the transparent ground became black: a black image."""
+    img = np.asarray(utils.load_image(line_art(str(tmp_path / "a.png"), mode), 3136, 200704))
+    assert img.mean() > 200, "the ground is not white"
+    assert img.min() < 50, "the strokes are gone"
+
+
+def test_a_16_bit_png_keeps_its_grey_levels(tmp_path):
+    """Before: 16-bit values were clipped at 255: 99% white."""
+    ramp = (np.tile(np.linspace(0, 65535, 64), (64, 1))).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    img = np.asarray(utils.load_image(str(tmp_path / "g16.png"), 3136, 200704)).astype(float)
+    assert 100 < img.mean() < 155, img.mean()  # a ramp from black to white averages mid-grey
+    assert img[:, :8].mean() < 40 and img[:, -8:].mean() > 215
+
+
+def test_file_and_data_uris_are_images(tmp_path):
+    path = line_art(str(tmp_path / "a.png"), "RGBA")
+    with open(path, "rb") as f:
+        uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    for value in ("file://" + path, uri):
+        assert np.asarray(utils.load_image(value, 3136, 200704)).mean() > 200
+    with pytest.raises(ValueError, match="unreadable image"):
+        utils.load_image("data:image/png;base64,not-base64!", 3136, 200704)
+
+
+def write_data(folder):
+    """data.jsonl with image paths relative to its own folder, and the user's own column names."""
+    os.makedirs(os.path.join(folder, "imgs"), exist_ok=True)
+    rows = []
+    for i, r in enumerate(utils.make_counting_dataset(16, seed=1)):
+        r["image"].save(os.path.join(folder, "imgs", f"{i}.png"))
+        rows.append({"question": r["problem"], "gt": r["solution"], "image": f"imgs/{i}.png", "source": "mine"})
+    with open(os.path.join(folder, "data.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return os.path.join(folder, "data.jsonl")
+
+
+def test_rows_keep_the_users_columns_and_image_paths_resolve_from_the_data_file(tmp_path, monkeypatch):
+    data = write_data(str(tmp_path / "mine"))
+    monkeypatch.chdir(tmp_path)  # not the data's folder
+    rows = utils.load_rows(data, "train", "question", "gt", "image")
+    assert rows[0]["gt"] == rows[0]["solution"] and rows[0]["source"] == "mine"
+    assert os.path.isabs(rows[0]["image"]) and os.path.exists(rows[0]["image"])
+    utils.load_image(rows[0]["image"], 3136, 200704)
+
+    import trainer
+
+    class Cfg:
+        num_generations, scale_rewards = 2, True
+
+    def exact(completions, gt, **columns):  # a reward asking for the user's own column name
+        return [float(c == g) for c, g in zip(completions, gt)]
+    per, _, _ = trainer.score(rows[:1], [rows[0]["gt"], "no"], {"exact": exact}, [1.0], Cfg)
+    assert per["exact"] == [1.0, 0.0]
+
+
+def test_a_column_named_completions_is_refused(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "2+2?", "solution": "4", "completions": "x"}) + "\n")
+    with pytest.raises(ValueError, match="column named 'completions'.*rename that column"):
+        utils.load_rows(str(data), "train", "problem", "solution", "image")
+
+
+@pytest.mark.slow
+def test_train_sh_from_the_users_own_folder_with_relative_paths(tmp_path):
+    """`bash /path/to/train.sh --dataset data.jsonl --output_dir out` run in the user's folder: the data and
+    its images are found there and the outputs land there (before: "Couldn't reach 'data.jsonl' on the Hub")."""
+    write_data(str(tmp_path))
+    p = run(["bash", os.path.join(ROOT, "train.sh"), "--dataset", "data.jsonl", "--question_column", "question",
+             "--solution_column", "gt", "--output_dir", "out", "--steps", "1", "--eval_steps", "0",
+             "--save_steps", "0", "--rollout", "hf"], env={"CUDA_VISIBLE_DEVICES": ""}, cwd=str(tmp_path))
+    assert os.path.exists(tmp_path / "out" / "final" / "model.safetensors"), p.stdout[-2000:]
+    assert os.path.exists(tmp_path / "out" / "metrics.jsonl")
+    # and a bad flag from there: one message, before any launch
+    p = run(["bash", os.path.join(ROOT, "train.sh"), "--dataset", "nope.jsonl"], env={"CUDA_VISIBLE_DEVICES": ""},
+            cwd=str(tmp_path), check=False)
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("no such file or folder") == 1
+    assert "Traceback" not in p.stdout + p.stderr and "accelerate" not in p.stderr
