@@ -10,14 +10,37 @@ import math
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
 
-import torch
 
-import trainer
+def quiet_libraries(argv):
+    """Unless --verbose: library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation
+    warnings) down to errors. Set before those libraries load; the vLLM engine's processes inherit it."""
+    i = argv.index("--verbose") if "--verbose" in argv else -1
+    if "--verbose=true" in argv or i >= 0 and (i + 1 == len(argv) or argv[i + 1].lower() in ("1", "true", "yes", "on")
+                                                or argv[i + 1].startswith("--")):
+        return
+    for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                     TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
+                     TOKENIZERS_PARALLELISM="false").items():
+        os.environ.setdefault(k, v)
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("torch", "DeepSpeed", "deepspeed", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+quiet_libraries(sys.argv[1:])
+
+import torch  # noqa: E402
+
+import trainer  # noqa: E402
 from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
                    on_rank0, start_guard, start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep,
-                   write_jsonl)
+                   write_jsonl)  # noqa: E402
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
@@ -75,6 +98,7 @@ class Config:
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
     debug: bool = field(default=False, metadata={"help": "rank 0 waits for a debugger (debugpy) on port 5678"})
+    verbose: bool = field(default=False, metadata={"help": "show the libraries' logs (vLLM, transformers, DeepSpeed) and deprecation warnings"})
     check_only: bool = field(default=False, metadata={"help": "check the flags, the data and model paths and output_dir, then exit (train.sh does this before it launches)"})
 
 
@@ -158,6 +182,12 @@ def check_config(cfg):
         problems.append("--resume and --overwrite true contradict each other: give one")
     if cfg.report_to not in ("none", "wandb", "tensorboard"):
         problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
+    elif cfg.report_to != "none":
+        import importlib.util
+        if importlib.util.find_spec(cfg.report_to) is None:
+            problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed: pip install "
+                            f"{cfg.report_to}" + (" (WANDB_MODE=offline logs without an account)"
+                                                  if cfg.report_to == "wandb" else ""))
     if problems:
         user_error("config error:\n  " + "\n  ".join(problems))
 
@@ -172,7 +202,7 @@ RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png"
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
                      "eval_steps", "eval_size", "eval_dataset", "log_completions_steps", "report_to", "strict", "debug",
                      "gradient_checkpointing", "attn_implementation", "vllm_gpu_memory_utilization",
-                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only"}
+                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
 def check_paths(cfg):
@@ -328,6 +358,13 @@ def main(cfg):
     if eval_rows:
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
+    if accelerator.is_main_process:  # the one start line: what runs where
+        engine = "transformers generate" if llm is None and cfg.rollout == "hf" or sync is None else \
+            f"vLLM on {'CPU' if accelerator.device.type == 'cpu' else 'the last GPU'}"
+        print(f"grpo-vl: {cfg.model} | {len(rows)} training rows, eval: {eval_source or 'none'} | "
+              f"{accelerator.num_processes} training process(es) on {accelerator.device.type}"
+              f"{f', ZeRO-{cfg.zero_stage}' if ds_plugin is not None else ''} | rollouts: {engine} | "
+              f"{cfg.steps} steps -> {cfg.output_dir}", flush=True)
     stopped = None
     try:
         history = resume(resume_from, cfg, accelerator, sampler, sync) if resume_from else []
@@ -485,7 +522,6 @@ def cli(argv=None):
     """`python main.py [flags]`: runs main, then leaves without Python's interpreter shutdown. gloo's worker threads
     may still be freeing the last collective's tensors, and shutdown racing them aborted about 1 run in 30 (core
     dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
-    import sys
     try:
         cfg = parse_config(argv)
         if cfg.check_only:  # nothing written, nothing deleted

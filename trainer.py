@@ -371,6 +371,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
             m["eval_source"] = eval_source
+            if accelerator.is_main_process:
+                tqdm.write(f"step {step}: eval_accuracy {m['eval_accuracy']:.3f} ({eval_source})")
         if accuracy_name is not None:
             m["accuracy"] = m[f"reward/{accuracy_name}"]
         history.append(m)

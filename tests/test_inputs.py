@@ -3,7 +3,7 @@ or file and the fix, printed once, no traceback. And inputs that used to be sile
 the user's own folder, image paths relative to the data file, file:// and data: URIs, transparent / 16-bit /
 palette images, the user's own column names in rewards."""
 import base64
-import io
+import importlib.util
 import json
 import os
 import sys
@@ -37,6 +37,8 @@ BAD_FLAGS = [
     (["--resume", "auto", "--overwrite", "true"], "--resume and --overwrite true contradict each other"),
     (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
     (["--rewards", "accuracy,nope"], "unknown ['nope']"),
+    *([(["--report_to", "wandb"], "the wandb package is not installed: pip install wandb")]
+      if importlib.util.find_spec("wandb") is None else []),
 ]
 
 
@@ -148,3 +150,21 @@ def test_train_sh_from_the_users_own_folder_with_relative_paths(tmp_path):
             cwd=str(tmp_path), check=False)
     assert p.returncode != 0 and (p.stdout + p.stderr).count("no such file or folder") == 1
     assert "Traceback" not in p.stdout + p.stderr and "accelerate" not in p.stderr
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_the_metrics(tmp_path):
+    """tensorboard comes with setup.sh: --report_to tensorboard writes every metric there."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    run([PY, "main.py", "--model", "tiny", "--rollout", "hf", "--steps", "2", "--prompts_per_step", "2",
+         "--num_generations", "2", "--max_completion_length", "4", "--eval_steps", "0", "--save_steps", "0",
+         "--report_to", "tensorboard", "--output_dir", str(out)])
+    events = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.startswith("events.out")]
+    assert events
+    scalars = set()
+    for e in events:
+        acc = EventAccumulator(e)
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"reward_mean", "kl", "step_s", "sampler_logp_diff"} <= scalars, scalars
