@@ -459,7 +459,8 @@ def load_data(cfg):
         return rows, [], ""
     import random
     held = set(random.Random(cfg.seed).sample(range(len(rows)), n))
-    return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)],
+    take = rows.take if hasattr(rows, "take") else lambda ids: [rows[i] for i in ids]  # unread file rows, or a list
+    return (take([i for i in range(len(rows)) if i not in held]), take(sorted(held)),
             f"{n} rows held out of {cfg.dataset} (never trained on)")
 
 

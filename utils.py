@@ -242,19 +242,41 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     if "completions" in ds.column_names:
         raise ValueError(f"--dataset {name} has a column named 'completions', the argument every reward takes the "
                          "completions by: rename that column")
-    folder = os.path.dirname(os.path.abspath(name)) if os.path.exists(name) else None
-    rows = []
-    for r in ds:  # every column under its own name (rewards may ask for it), plus problem/solution/image
-        row = dict(r)
-        image = r.get(image_column)
-        if folder and isinstance(image, str) and not image.startswith(("/", "http://", "https://", "data:")):
-            image = image.removeprefix("file://")
-            image = image if os.path.isabs(image) else os.path.join(folder, image)  # relative to the data file
-        row.update(problem=r[question_column], solution=r[solution_column], image=image)
-        rows.append(row)
-    if not rows:
+    if len(ds) == 0:
         raise ValueError(f"--dataset {name} split '{split}' is empty: point --dataset at data with rows")
-    return rows
+    if isinstance(ds.features.get(image_column), datasets.Image):  # stored images: bytes, decoded when used
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    folder = os.path.dirname(os.path.abspath(name)) if os.path.exists(name) else None
+    return DatasetRows(ds, question_column, solution_column, image_column, folder)
+
+
+class DatasetRows:
+    """The rows of a `datasets` table (Arrow, memory-mapped from its cache files), read one at a time when a
+    process samples them: a rank touches only its own rows, and the images stay on disk until used. A row is
+    every column under its own name (rewards may ask for it) plus problem/solution/image."""
+
+    def __init__(self, ds, question_column, solution_column, image_column, folder, indices=None):
+        self.ds, self.columns, self.folder = ds, (question_column, solution_column, image_column), folder
+        self.indices = range(len(ds)) if indices is None else indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(self.indices[i])
+        question, solution, image_column = self.columns
+        row = self.ds[self.indices[i]]
+        image = row.get(image_column)
+        if self.folder and isinstance(image, str) and not image.startswith(("/", "http://", "https://", "data:")):
+            image = image.removeprefix("file://")
+            image = image if os.path.isabs(image) else os.path.join(self.folder, image)  # relative to the data file
+        row.update(problem=row[question], solution=row[solution], image=image)
+        return row
+
+    def take(self, indices):
+        """The rows at these positions, still unread."""
+        return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
 
 
 def build_prompt(processor, row, cfg):

@@ -4,6 +4,7 @@ the user's own folder, image paths relative to the data file, file:// and data: 
 palette images, the user's own column names in rewards."""
 import base64
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -168,3 +169,28 @@ def test_report_to_tensorboard_logs_the_metrics(tmp_path):
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
     assert {"reward_mean", "kl", "step_s", "sampler_logp_diff"} <= scalars, scalars
+
+
+def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_path, tiny_qwen2_vl):
+    """Before: every rank held every row of the file in memory, images included (tests/bench_data_memory.py: a
+    1 GB parquet of images cost 3.8 GB per rank, now 1.0 GB)."""
+    import datasets
+    from transformers import AutoProcessor
+
+    import main
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+    ds = datasets.Dataset.from_dict({"problem": [f"q{i}" for i in range(10)], "solution": [str(i) for i in range(10)],
+                                     "image": [{"bytes": buf.getvalue(), "path": None}] * 10},
+                                    features=datasets.Features(problem=datasets.Value("string"),
+                                                               solution=datasets.Value("string"),
+                                                               image=datasets.Image()))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    rows = utils.load_rows(str(tmp_path / "d.parquet"), "train", "problem", "solution", "image")
+    assert not isinstance(rows, list) and len(rows) == 10
+    sampler = utils.PromptSampler(rows, AutoProcessor.from_pretrained(tiny_qwen2_vl), main.Config(), rank=1, world=2)
+    assert list(sampler.rows.indices) == [1, 3, 5, 7, 9]
+    assert {int(row["solution"]) % 2 for row, _ in sampler.next(8)} == {1}
+    train, held, _ = main.load_data(main.Config(dataset=str(tmp_path / "d.parquet"), eval_size=2))
+    assert len(train) == 8 and len(held) == 2 and not isinstance(held, list)
+    assert {r["solution"] for r in train}.isdisjoint(r["solution"] for r in held)
