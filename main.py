@@ -197,7 +197,8 @@ def user_error(message):
     raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "final")  # and checkpoint-*
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "report.html", "images",
+               "final")  # and checkpoint-*
 # flags that change nothing in the math of a run: a resumed run may change them
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
                      "eval_steps", "eval_size", "eval_dataset", "log_completions_steps", "report_to", "strict", "debug",
@@ -379,14 +380,14 @@ def main(cfg):
     if not stopped:
         trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process and history:
-        trainer.plot_curves(history, os.path.join(cfg.output_dir, "curves.png"))
+        trainer.write_report(cfg.output_dir, history, cfg.steps)  # curves.png and report.html
         if stopped:
             print(f"stopped by {signal.Signals(stopped.signum).name} after step {history[-1]['step']}: checkpoint "
-                  f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, curves in {cfg.output_dir}/curves.png; "
+                  f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, report in {cfg.output_dir}/report.html; "
                   "continue with the same command and --resume auto", flush=True)
         else:
-            print(f"done: {history[-1]['step']} steps; final model in {cfg.output_dir}/final, curves in "
-                  f"{cfg.output_dir}/curves.png")
+            print(f"done: {history[-1]['step']} steps; final model in {cfg.output_dir}/final, report in "
+                  f"{cfg.output_dir}/report.html")
     accelerator.end_training()
     import torch.distributed as dist
     if dist.is_initialized():

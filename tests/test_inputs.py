@@ -194,3 +194,37 @@ def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_pa
     train, held, _ = main.load_data(main.Config(dataset=str(tmp_path / "d.parquet"), eval_size=2))
     assert len(train) == 8 and len(held) == 2 and not isinstance(held, list)
     assert {r["solution"] for r in train}.isdisjoint(r["solution"] for r in held)
+
+
+@pytest.mark.slow
+def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_completions(tmp_path):
+    """report.html, rewritten as the run goes: the curves and, per logged step, the prompt's image (saved, also
+    referenced from completions.jsonl), question, solution, completions, rewards and advantages. Checked by parsing
+    the page (no browser can be installed on the CI machine)."""
+    from html.parser import HTMLParser
+    out = tmp_path / "r"
+    run([PY, "main.py", "--model", "tiny", "--rollout", "hf", "--steps", "2", "--prompts_per_step", "2",
+         "--num_generations", "2", "--max_completion_length", "6", "--eval_steps", "0", "--save_steps", "0",
+         "--log_completions_steps", "1", "--output_dir", str(out)])
+
+    class Page(HTMLParser):
+        images, text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs)["src"].split("?")[0])
+
+        def handle_data(self, data):
+            self.text.append(data)
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    text = " ".join(page.text)
+    assert page.images[0] == "curves.png" and len(page.images) == 1 + 2 * 2  # 2 prompts at each of 2 steps
+    for src in page.images:
+        assert Image.open(out / src).size[0] > 0
+    with open(out / "completions.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    assert {s["image"] for s in samples} == set(page.images[1:])
+    for s in samples:  # every logged completion is on the page, with its numbers
+        assert s["problem"] in text and f"{s['advantage']:+.3f}" in text and f"{s['accuracy']:.3f}" in text
+    assert "step 1" in text and "step 2" in text and "reward_mean" in text
