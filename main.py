@@ -298,6 +298,8 @@ def main(cfg):
     is_main = int(os.environ.get("RANK", "0")) == 0
     check_paths(cfg)
     resume_from = resolve_output_dir(cfg, is_main)
+    rows, eval_rows, eval_source = load_data(cfg)  # a data error stops the run before any model loads
+    check_model(cfg.model)
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
@@ -327,7 +329,6 @@ def main(cfg):
             zero["stage3_gather_16bit_weights_on_model_save"] = True
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    rows, eval_rows, eval_source = load_data(cfg)
 
     processor = AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
@@ -437,10 +438,32 @@ def resume(path, cfg, accelerator, sampler, sync):
     return history
 
 
+def check_model(name):
+    """A Qwen2-VL / Qwen2.5-VL config at `name` (a folder or hub name), or one message saying what is there."""
+    if name in TINY:
+        return
+    from transformers import AutoConfig
+    try:
+        kind = AutoConfig.from_pretrained(name).model_type
+    except Exception as e:  # not found, not a model folder, no network for a hub name, ...
+        user_error(f"--model {name}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                   "give a local Qwen2-VL / Qwen2.5-VL folder or a hub name such as Qwen/Qwen2-VL-2B-Instruct")
+    if kind not in ("qwen2_vl", "qwen2_5_vl"):
+        user_error(f"--model {name} is a '{kind}' model: this trainer takes Qwen2-VL or Qwen2.5-VL "
+                   "(model_type qwen2_vl or qwen2_5_vl)")
+
+
 def load_data(cfg):
-    """(training rows, eval rows, where the eval rows come from). Eval rows are never trained on: --eval_dataset,
-    the built-in test split, a hub dataset's 'test' split, or else eval_size rows (at most a fifth) held out of
-    --dataset."""
+    """(training rows, eval rows, where the eval rows come from), or one message naming the data's problem. Eval
+    rows are never trained on: --eval_dataset, the built-in test split, a hub dataset's 'test' split, or else
+    eval_size rows (at most a fifth) held out of --dataset."""
+    try:
+        return _load_data(cfg)
+    except ValueError as e:
+        user_error(str(e))
+
+
+def _load_data(cfg):
     columns = (cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
     rows = load_rows(cfg.dataset, "train", *columns)
     if not (cfg.eval_steps and cfg.eval_size):
@@ -529,6 +552,8 @@ def cli(argv=None):
         if cfg.check_only:  # nothing written, nothing deleted
             check_paths(cfg)
             resolve_output_dir(cfg, is_main=False)
+            load_data(cfg)
+            check_model(cfg.model)
         else:
             main(cfg)
         code = 0

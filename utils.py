@@ -230,8 +230,11 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     try:
         ds = datasets.load_dataset(**source)
     except Exception as e:
-        raise ValueError(f"--dataset {name}: could not be read ({type(e).__name__}: {e}); give a .json/.jsonl/"
-                         f".parquet file or a hub dataset with a '{split}' split") from e
+        where = first_bad_json_line(name) if os.path.exists(name) and ext in ("json", "jsonl") else None
+        if where:
+            raise ValueError(f"--dataset {name}: {where}") from e
+        raise ValueError(f"--dataset {name}: could not be read ({type(e).__name__}: {str(e)[:500]}); give a .json/"
+                         f".jsonl/.parquet file or a hub dataset with a '{split}' split") from e
     for col, flag in ((question_column, "--question_column"), (solution_column, "--solution_column")):
         if col not in ds.column_names:
             raise ValueError(f"--dataset {name}: column '{col}' is missing (columns: {ds.column_names}); "
@@ -248,6 +251,25 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     folder = os.path.dirname(os.path.abspath(name)) if os.path.exists(name) else None
     return DatasetRows(ds, question_column, solution_column, image_column, folder)
+
+
+def first_bad_json_line(path):
+    """'line N: <the JSON error>' for the first line of a JSON-lines file that does not parse, or for the whole
+    file if it is one JSON document; None if it parses."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError as e:
+                return f"line {i} is not valid JSON ({e}): {line[:120]!r}"
+    return None
 
 
 class DatasetRows:
@@ -304,7 +326,10 @@ class PromptSampler:
     def __init__(self, rows, processor, cfg, rank=0, world=1, seed=0):
         if not rows:
             raise ValueError("the dataset is empty: point --dataset at data with rows")
-        self.rows, self.processor, self.cfg = rows[rank::world] or rows, processor, cfg
+        shard = rows[rank::world]
+        self.rows, self.processor, self.cfg = shard if len(shard) else rows, processor, cfg
+        # where each of this process's rows sits in the data (file rows for a dataset), for messages
+        self.origin = getattr(self.rows, "indices", range(rank, len(rows), world) if len(shard) else range(len(rows)))
         self.rng, self.order, self.skipped = random.Random(seed + rank), [], Counter()
 
     def next(self, n):
@@ -313,14 +338,18 @@ class PromptSampler:
             if not self.order:
                 self.order = list(range(len(self.rows)))
                 self.rng.shuffle(self.order)
-            row = self.rows[self.order.pop()]
+            index = self.order.pop()
+            row = self.rows[index]
             try:
                 out.append((row, build_prompt(self.processor, row, self.cfg)))
             except ValueError as e:
+                image, message = row.get("image"), str(e)
+                e = ValueError(f"{e} (image {image!r})" if isinstance(image, str) else
+                               f"{e} (row {self.origin[index]} of the data)")
                 if self.cfg.strict:
                     raise ValueError(f"{e} (question: {str(row.get('problem'))[:80]!r}); drop --strict to skip "
                                      "such rows") from e
-                reason = str(e).split(" (")[0] if "image" in str(e) else str(e).split(" of ")[0]
+                reason = message.split(" (")[0] if "image" in message else message.split(" of ")[0]
                 self.skipped[reason] += 1
                 if sum(self.skipped.values()) in (1, 10, 100, 1000):
                     warnings.warn(f"skipped rows so far: {dict(self.skipped)}; last: {e}")

@@ -45,8 +45,8 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_a_bad_flag_stops_with_one_message(tmp_path, flags, message):
-    p = run([PY, os.path.join(ROOT, "main.py"), "--check_only", "true", "--output_dir", str(tmp_path / "out"),
-             *flags], check=False, timeout=120)
+    p = run([PY, os.path.join(ROOT, "main.py"), "--check_only", "true", "--model", "tiny", "--output_dir",
+             str(tmp_path / "out"), *flags], check=False, timeout=120)
     assert p.returncode != 0
     text = p.stdout + p.stderr
     assert message in text, text[-2000:]
@@ -55,7 +55,8 @@ def test_a_bad_flag_stops_with_one_message(tmp_path, flags, message):
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("x")
-    p = run([PY, "main.py", "--check_only", "true", "--output_dir", str(tmp_path / "out")], check=False)
+    p = run([PY, "main.py", "--check_only", "true", "--model", "tiny", "--output_dir", str(tmp_path / "out")],
+            check=False)
     assert p.returncode != 0 and "is a file: name a folder" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -228,3 +229,28 @@ def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_
     for s in samples:  # every logged completion is on the page, with its numbers
         assert s["problem"] in text and f"{s['advantage']:+.3f}" in text and f"{s['accuracy']:.3f}" in text
     assert "step 1" in text and "step 2" in text and "reward_mean" in text
+
+
+def test_data_errors_name_the_line_the_row_or_the_file(tmp_path, tiny_qwen2_vl):
+    """A JSON error names its line (before: buried in a datasets traceback); an unreadable image names its file;
+    a non-VL model names what it is (before: a list of 80 config classes)."""
+    from transformers import AutoProcessor
+
+    import main
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "a", "solution": "1"}\n{"problem": "b", "solution": \n{"problem": "c"}\n')
+    p = run([PY, "main.py", "--check_only", "true", "--model", "tiny", "--dataset", str(bad), "--output_dir",
+             str(tmp_path / "o")], check=False)
+    assert p.returncode != 0 and "line 2 is not valid JSON" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"problem": "how many?", "solution": "1", "image": str(tmp_path / "broken.png")}]
+    sampler = utils.PromptSampler(rows * 2, AutoProcessor.from_pretrained(tiny_qwen2_vl), main.Config(strict=True))
+    with pytest.raises(ValueError, match="unreadable image.*broken.png"):
+        sampler.next(1)
+
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1).save_pretrained(tmp_path / "gpt2")
+    p = run([PY, "main.py", "--check_only", "true", "--model", str(tmp_path / "gpt2"), "--output_dir",
+             str(tmp_path / "o")], check=False)
+    assert p.returncode != 0 and "is a 'gpt2' model" in p.stderr and p.stderr.count("\n") <= 2, p.stderr
