@@ -38,12 +38,12 @@ quiet_libraries(sys.argv[1:])
 import torch  # noqa: E402
 
 import trainer  # noqa: E402
-from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, make_weight_sync,
-                   on_rank0, start_guard, start_vllm, stop_vllm, vision_token_ids, vllm_generate, vllm_sleep,
-                   write_jsonl)  # noqa: E402
+from utils import (PromptSampler, accuracy_reward, build_tiny_model, engine_groups, format_reward,  # noqa: E402
+                   load_rows, make_weight_sync, number_reward, on_rank0, start_guard, start_vllm, stop_vllm, vision_token_ids,
+                   vllm_generate, vllm_sleep, write_jsonl)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
 TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl"}
 
 
@@ -239,12 +239,19 @@ def resolve_output_dir(cfg, is_main):
                    "checkpoints, final/ and logs), or choose another --output_dir")
     else:
         if earlier and is_main:  # --overwrite, or --resume auto with no complete checkpoint: start over
+            # (is_main: each node's first process; on a shared disk they may race, so nothing here must fail)
             if cfg.resume == "auto":
                 print(f"--resume auto: no complete checkpoint in {out}; starting from step 1")
             for e in earlier:
                 if e in RUN_OUTPUTS or e.startswith("checkpoint-"):
                     target = os.path.join(out, e)
-                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+                    if os.path.isdir(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        try:
+                            os.remove(target)
+                        except FileNotFoundError:
+                            pass
         return ""
     with open(os.path.join(resume_from, "trainer_state.json")) as f:
         saved = json.load(f)
@@ -295,9 +302,8 @@ def main(cfg):
     start_guard()  # this process, and the vLLM engine it starts, end when it or the launcher dies
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
         signal.signal(sig, stop_after_this_step)
-    is_main = int(os.environ.get("RANK", "0")) == 0
     check_paths(cfg)
-    resume_from = resolve_output_dir(cfg, is_main)
+    resume_from = resolve_output_dir(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # per node disk
     rows, eval_rows, eval_source = load_data(cfg)  # a data error stops the run before any model loads
     check_model(cfg.model)
     path = cfg.model
@@ -317,6 +323,8 @@ def main(cfg):
         debugpy.listen(("0.0.0.0", 5678))
         print("debugpy listening on port 5678: attach your IDE (README: Debugging)", flush=True)
         debugpy.wait_for_client()
+    if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
+        trainer.OUTPUT_ON_EACH_NODE[:] = [True]
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
@@ -327,6 +335,8 @@ def main(cfg):
         zero["stage"] = cfg.zero_stage
         if cfg.zero_stage == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
+            ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
@@ -349,7 +359,7 @@ def main(cfg):
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:
         cfg.steps = max(1, round(cfg.epochs * len(rows) / (cfg.prompts_per_step * accelerator.num_processes)))
-    if accelerator.is_main_process:
+    if trainer.writes_checkpoints(accelerator):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
@@ -496,21 +506,47 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     if rollout == "hf":
         return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
                                                        cfg.temperature, cfg.top_p, suppressed)), None, None
+    # one engine per node (several nodes: each node's local rank 0 owns one and serves that node's ranks)
+    engine_groups()
+    owner = accelerator.is_local_main_process
+    on_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # training processes here
     gpu, colocate = None, False
     if accelerator.device.type == "cuda":
         n_gpu = torch.cuda.device_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
-        colocate = n_gpu <= accelerator.num_processes  # no GPU left for vLLM: it shares rank 0's and sleeps
+        colocate = n_gpu <= on_node  # no GPU left for vLLM: it shares the owner's and sleeps
         gpu = visible[accelerator.device.index] if colocate else visible[n_gpu - 1]
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate), accelerator.is_main_process)
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate), owner)
     dtype = torch.bfloat16 if gpu is not None else torch.float32
     sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
-                            accelerator.is_main_process, dtype)
+                            owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world = accelerator.local_process_index, on_node
     return (lambda prompts, n: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world)), sync, llm
+
+
+def output_dir_is_shared(out, accelerator):
+    """Whether all nodes see one output_dir (a shared file system) or each its own disk: each node's first process
+    leaves a mark there and looks for the others'."""
+    import glob
+
+    import torch.distributed as dist
+    nodes = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if nodes <= 1:
+        return True
+    mark = os.path.join(out, f".node-mark-{accelerator.process_index}")
+    if accelerator.is_local_main_process:
+        os.makedirs(out, exist_ok=True)
+        open(mark, "w").close()
+    accelerator.wait_for_everyone()
+    seen = torch.tensor([len(glob.glob(os.path.join(out, ".node-mark-*")))], device=accelerator.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        os.remove(mark)
+    return int(seen.item()) >= nodes
 
 
 def fix_cpu_deepspeed_state(accelerator):

@@ -2,6 +2,9 @@
 # Launches main.py under accelerate + DeepSpeed ZeRO-3: one training process per GPU but the last, which vLLM
 # takes. With no GPU: a short CPU smoke run (tiny random model, built-in data, 2 processes). Flags pass through;
 # relative paths in them (--dataset, --output_dir, ...) are taken from the folder you run this from.
+# Several machines: run it on each with NNODES, NODE_RANK (0 on the first), MASTER_ADDR (the first's address) and
+# MASTER_PORT set, as torchrun takes them; each node runs its own vLLM engine on its last GPU. NPROC_PER_NODE
+# overrides the training processes per node.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"  # the vLLM engine's processes import utils from here
@@ -11,17 +14,25 @@ if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
 else
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
 fi
+nodes=${NNODES:-1}
 launch=("$py" -m accelerate.commands.launch --config_file "$here/ds_accel.yaml")
 if [ "$gpus" -eq 0 ]; then
-  echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, 2 ZeRO-3 processes on gloo"
+  echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, ZeRO-3 processes on gloo"
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  set -- --model tiny --output_dir outputs/smoke --overwrite true --steps 8 --prompts_per_step 2 --num_generations 4 \
-    --max_completion_length 48 --learning_rate 1e-4 --save_steps 4 --eval_steps 4 --eval_size 8 --log_completions_steps 2 "$@"
-  procs=2; launch+=(--mixed_precision no)
+  set -- --model tiny --output_dir outputs/smoke --overwrite true --steps 16 --prompts_per_step 4 --num_generations 8 \
+    --max_completion_length 24 --rewards accuracy,format,number --learning_rate 3e-3 --save_steps 8 --eval_steps 8 \
+    --eval_size 8 --log_completions_steps 4 "$@"
+  procs=${NPROC_PER_NODE:-2}; launch+=(--mixed_precision no)
 else
-  procs=$(( gpus > 1 ? gpus - 1 : 1 ))
+  procs=${NPROC_PER_NODE:-$(( gpus > 1 ? gpus - 1 : 1 ))}
   echo "train.sh: $gpus GPU(s): $procs ZeRO-3 training process(es), vLLM on the last GPU"
+fi
+if [ "$nodes" -gt 1 ]; then
+  : "${NODE_RANK:?set NODE_RANK: 0 on the first node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
+  echo "train.sh: node $NODE_RANK of $nodes, $((nodes * procs)) training processes in all, rendezvous at $MASTER_ADDR:${MASTER_PORT:-29500}"
+  launch+=(--num_machines "$nodes" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
+           --main_process_port "${MASTER_PORT:-29500}" --deepspeed_multinode_launcher standard)
 fi
 # bad flags, a missing dataset or an earlier run in --output_dir: one message from one process, before any launch
 "$py" "$here/main.py" --check_only true "$@"
-exec "${launch[@]}" --num_processes $procs "$here/main.py" "$@"
+exec "${launch[@]}" --num_processes $((nodes * procs)) "$here/main.py" "$@"

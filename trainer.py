@@ -420,13 +420,33 @@ def pad_rows(rows, width):
     return out
 
 
+OUTPUT_ON_EACH_NODE = []  # [True] when the nodes do not share output_dir (main.py checks): each keeps its own
+
+
+def writes_checkpoints(accelerator):
+    """Rank 0 writes the models and checkpoint files; so does each node's first process when nodes have disks of
+    their own (a resumed run on that node needs them there)."""
+    return accelerator.is_main_process or (accelerator.is_local_main_process and bool(OUTPUT_ON_EACH_NODE))
+
+
 def save_model(model, processor, accelerator, path):
     """save_pretrained of the Hugging Face model inside `model` (ZeRO-3 shards gathered) + processor: loadable by
     transformers and vLLM."""
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0; keys are "model.<hf name>"
-    if accelerator.is_main_process:
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        accelerator.unwrap_model(model).model.save_pretrained(path, state_dict=state, safe_serialization=True)
+    hf = accelerator.unwrap_model(model).model
+    if OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
+        from utils import weight_groups
+        state = {}
+        for _, group in weight_groups(list(hf.named_parameters())):
+            with gather_zero3_params([p for _, p in group]):
+                state.update({n: p.detach().to("cpu", copy=True) for n, p in group})
+    else:
+        state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0; keys are "model.<hf name>"
+        state = state and {k.removeprefix("model."): v for k, v in state.items()}
+    if writes_checkpoints(accelerator):
+        if OUTPUT_ON_EACH_NODE:  # transformers writes from global rank 0 only; here each node's writer must
+            hf.should_save_on_this_rank = lambda is_main_process: True
+        hf.save_pretrained(path, state_dict=state, safe_serialization=True)
+        hf.__dict__.pop("should_save_on_this_rank", None)
         processor.save_pretrained(path)
     accelerator.wait_for_everyone()
 
@@ -440,7 +460,8 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg):
     step = history[-1]["step"]
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = path + ".tmp"
-    if accelerator.is_main_process:
+    writer = writes_checkpoints(accelerator)
+    if writer:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     save_model(model, processor, accelerator, tmp)
@@ -449,7 +470,7 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg):
     with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
         pickle.dump(sampler.state_dict(), f)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if writer:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
             json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
                        "history": history}, f)

@@ -93,6 +93,20 @@ def format_reward(completions, **columns):
     return [float(bool(FORMAT_RE.fullmatch(as_text(c)))) for c in completions]
 
 
+DIGITS_RE = re.compile(r"\d{1,6}")
+
+
+def number_reward(completions, solution, **columns):
+    """Partial credit for counting-style answers, which a small model can climb before it writes the format:
+    1 / (1 + |n - solution|) for the last number n anywhere in the completion, 0 without one (or when the
+    solution is not a number). Used by the CPU smoke run, where a tiny random model learns it within minutes."""
+    out = []
+    for c, sol in zip(completions, solution):
+        numbers, target = DIGITS_RE.findall(as_text(c)[-10_000:]), _as_number(as_text(sol))
+        out.append(0.0 if not numbers or target is None else 1.0 / (1.0 + abs(int(numbers[-1]) - target)))
+    return out
+
+
 def compute_rewards(reward_funcs, completions, columns):
     """Calls each reward of {name: fn}; returns {name: list[float]}, keyed by the --rewards name (two names may
     share a function). None or a non-finite value becomes NaN, which the weighted sum counts as 0 (the sample's
@@ -694,7 +708,10 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
                   enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
                   logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
                   worker_extension_cls="utils.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
-                  enforce_eager=cfg.vllm_enforce_eager or gpu is None, **extra)
+                  enforce_eager=cfg.vllm_enforce_eager or gpu is None,
+                  # CPU: a prompt split over two scheduler steps rewinds its seeded generator, which CPU generators
+                  # cannot ("CPU Generator does not use offset"): prompts are prefilled whole there
+                  enable_chunked_prefill=gpu is not None, **extra)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -773,12 +790,13 @@ def vllm_prompt(prompt):
 
 def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
     """n samples per prompt from the engine: (token ids, their sampling log-probs) per sample, per prompt.
-    With several training processes every rank calls this; rank 0 generates for all of them."""
+    With several training processes every rank calls this; the engine's owner (rank 0, or each node's local
+    rank 0) generates for all the ranks it serves. `rank`/`world`: this process's place among them."""
     import torch.distributed as dist
     requests = [vllm_prompt(p) for p in prompts]
     if world > 1:
         everyone = [None] * world
-        dist.all_gather_object(everyone, requests)
+        dist.all_gather_object(everyone, requests, group=ENGINE["group"])
     else:
         everyone = [requests]
 
@@ -811,10 +829,31 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
     return [tokens for tokens, _ in mine], [logps for _, logps in mine]
 
 
+ENGINE = {"group": None, "leader": 0, "size": None}  # the ranks one vLLM engine serves (engine_groups)
+
+
+def engine_groups():
+    """One vLLM engine per node, owned by its local rank 0 and serving that node's ranks (torchrun numbers a
+    node's ranks contiguously): their process group and owner's rank. On one node: the whole world, rank 0.
+    Every rank must call this (making groups is collective)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node >= world:
+        return
+    for first in range(0, world, per_node):
+        group = dist.new_group(list(range(first, first + per_node)))
+        if first <= dist.get_rank() < first + per_node:
+            ENGINE.update(group=group, leader=first, size=per_node)
+
+
 def on_rank0(fn, is_main, share=False):
-    """Runs fn() on rank 0 (the engine's owner) and returns its result there (on every rank with share=True).
-    If it raises there, every rank raises with its message: the others would otherwise wait forever in their
-    next collective. Every rank must call this."""
+    """Runs fn() on the engine's owner (`is_main`: rank 0, or each node's local rank 0) and returns its result
+    there (on every rank it serves with share=True). If it raises there, every rank raises with its message
+    (every rank of every node): the others would otherwise wait forever in their next collective. Every rank
+    must call this."""
     import torch.distributed as dist
     result, error = None, None
     if is_main:
@@ -826,11 +865,18 @@ def on_rank0(fn, is_main, share=False):
             error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(box, src=0)
-        if box[0][1] is not None:
+        dist.broadcast_object_list(box, src=ENGINE["leader"], group=ENGINE["group"])
+        message, owner = box[0][1], ENGINE["leader"]
+        if ENGINE["group"] is not None:  # several engines: a failure on any node stops every node
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, message)
+            failed = [i for i, m in enumerate(everyone) if m is not None]
+            if failed:
+                message, owner = everyone[failed[0]], failed[0] - failed[0] % ENGINE["size"]
+        if message is not None:
             if error is not None:
                 raise error
-            raise RuntimeError(f"rank 0 stopped the run: {box[0][1]}")
+            raise RuntimeError(f"rank {owner} stopped the run: {message}")
         result = box[0][0] if share else result
     return result
 
