@@ -17,7 +17,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import utils`
 import math_verify  # noqa: E402,F401  (imported here so forked children do not pay for the import)
 
-from utils import accuracy_reward, answers_match, compute_rewards, extract_answer, format_reward  # noqa: E402
+from utils import (accuracy_reward, answers_match, compute_rewards, extract_answer, format_reward,  # noqa: E402
+                   number_reward)
 
 MB = 1 << 20
 BUDGET_S = 3.0  # "returns quickly": correct code takes ~10 ms on the 1 MB inputs below
@@ -526,3 +527,33 @@ def test_a_missing_reward_counts_as_zero_and_keeps_the_sample_s_other_rewards():
     torch.testing.assert_close(adv, torch.tensor([1 / 3, 1 / 3, -2 / 3]))
     per, total, adv = score(rows, COMPLETIONS, {"format": format_reward, "inf": inf_reward}, [1.0, 1.0], cfg)
     assert total.tolist() == [1.0, 1.0, 0.0] and adv.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# number_reward: partial credit for the last number of the completion (the CPU smoke run's learnable reward).
+
+@pytest.mark.parametrize("completion, solution, expected", [
+    ("<answer>3</answer>", "3", 1.0),
+    ("I see 4 shapes", "3", 0.5),           # 1 / (1 + |4 - 3|)
+    ("2 or maybe 13", "3", 1 / 11),         # the last number counts
+    ("no number at all", "3", 0.0),
+    ("", "3", 0.0),
+    ("٣ shapes", "3", 1.0),                 # a Unicode digit is a digit
+    ("3", "three", 0.0),                    # the solution is not a number
+    ("3", None, 0.0),
+    ("3", 3, 1.0),                          # a numeric solution column
+    (None, "3", 0.0),
+    (3, "3", 1.0),                          # not a string: as text
+    ("9" * MB, "3", 0.0),                   # a 1 MB number, far from 3 (read in pieces: bounded time)
+    ("x" * MB + " 3", "3", 1.0),
+    ("-3", "3", 1.0),                       # the sign is not read: credit for the count
+])
+def test_number_reward_table(completion, solution, expected):
+    values = bounded(number_reward, [completion], [solution])
+    assert_floats(values, 1)
+    assert values[0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_number_reward_never_raises_on_any_output():
+    for solution in ["3", "B", "", None, 3, 2.5, "1e400"]:
+        assert_floats(number_reward(WEIRD, [solution] * len(WEIRD)), len(WEIRD))
