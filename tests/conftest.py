@@ -40,3 +40,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def headless_chromium():
+    """A real headless Chromium (for the report test): @sparticuz/chromium, a self-contained Linux build from the
+    npm registry, installed once into .venv/browser and unpacked by its own code (to /tmp/chromium), driven by
+    Playwright (pip). Playwright's own browser download needs a CDN this machine cannot reach."""
+    import shutil
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("needs node and npm (the npm registry) to fetch a headless Chromium")
+    pytest.importorskip("playwright")
+    prefix = os.path.join(ROOT, ".venv", "browser")
+    package = os.path.join(prefix, "node_modules", "@sparticuz", "chromium")
+    if not os.path.isdir(package):
+        subprocess.run(["npm", "install", "--silent", "--prefix", prefix, "@sparticuz/chromium@153"], check=True,
+                       timeout=600)
+    script = "import c from '@sparticuz/chromium'; console.log(await c.executablePath());"
+    out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=prefix, check=True, capture_output=True,
+                         text=True, timeout=300)
+    return out.stdout.strip().splitlines()[-1]

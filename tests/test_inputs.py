@@ -197,16 +197,22 @@ def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_pa
     assert {r["solution"] for r in train}.isdisjoint(r["solution"] for r in held)
 
 
-@pytest.mark.slow
-def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_completions(tmp_path):
-    """report.html, rewritten as the run goes: the curves and, per logged step, the prompt's image (saved, also
-    referenced from completions.jsonl), question, solution, completions, rewards and advantages. Checked by parsing
-    the page (no browser can be installed on the CI machine)."""
-    from html.parser import HTMLParser
+def report_run(tmp_path):
     out = tmp_path / "r"
     run([PY, "main.py", "--model", "tiny", "--rollout", "hf", "--steps", "2", "--prompts_per_step", "2",
          "--num_generations", "2", "--max_completion_length", "6", "--eval_steps", "0", "--save_steps", "0",
          "--log_completions_steps", "1", "--output_dir", str(out)])
+    with open(out / "completions.jsonl") as f:
+        return out, [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_completions(tmp_path):
+    """report.html, rewritten as the run goes: the curves and, per logged step, the prompt's image (saved, also
+    referenced from completions.jsonl), question, solution, completions, rewards and advantages (the page parsed;
+    the next test renders it)."""
+    from html.parser import HTMLParser
+    out, samples = report_run(tmp_path)
 
     class Page(HTMLParser):
         images, text = [], []
@@ -223,12 +229,31 @@ def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_
     assert page.images[0] == "curves.png" and len(page.images) == 1 + 2 * 2  # 2 prompts at each of 2 steps
     for src in page.images:
         assert Image.open(out / src).size[0] > 0
-    with open(out / "completions.jsonl") as f:
-        samples = [json.loads(line) for line in f]
     assert {s["image"] for s in samples} == set(page.images[1:])
     for s in samples:  # every logged completion is on the page, with its numbers
         assert s["problem"] in text and f"{s['advantage']:+.3f}" in text and f"{s['accuracy']:.3f}" in text
     assert "step 1" in text and "step 2" in text and "reward_mean" in text
+
+
+@pytest.mark.slow
+def test_report_html_in_a_real_headless_browser(tmp_path, headless_chromium):
+    """The same page opened by Chromium: every image decodes (curves and prompt thumbnails), every logged
+    completion's numbers are on the rendered page."""
+    from playwright.sync_api import sync_playwright
+    out, samples = report_run(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=headless_chromium, timeout=120_000,
+                                    args=["--no-sandbox", "--no-zygote", "--single-process", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(f"file://{out}/report.html")
+        page.wait_for_load_state("load")
+        images = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        text = page.inner_text("body")
+        browser.close()
+    assert len(images) == 5 and all(done and width > 0 for _, done, width in images), images
+    assert images[0][2] >= 1000  # the six-panel curves
+    for s in samples:
+        assert f"{s['advantage']:+.3f}" in text and s["problem"] in text
 
 
 def test_data_errors_name_the_line_the_row_or_the_file(tmp_path, tiny_qwen2_vl):
