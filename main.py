@@ -13,34 +13,12 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+import torch
 
-def quiet_libraries(argv):
-    """Unless --verbose: library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation
-    warnings) down to errors. Set before those libraries load; the vLLM engine's processes inherit it."""
-    i = argv.index("--verbose") if "--verbose" in argv else -1
-    if "--verbose=true" in argv or i >= 0 and (i + 1 == len(argv) or argv[i + 1].lower() in ("1", "true", "yes", "on")
-                                                or argv[i + 1].startswith("--")):
-        return
-    for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                     TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
-                     TOKENIZERS_PARALLELISM="false").items():
-        os.environ.setdefault(k, v)
-    import logging
-    import warnings
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("torch", "DeepSpeed", "deepspeed", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-quiet_libraries(sys.argv[1:])
-
-import torch  # noqa: E402
-
-import trainer  # noqa: E402
-from utils import (PromptSampler, accuracy_reward, build_tiny_model, engine_groups, format_reward,  # noqa: E402
-                   load_rows, make_weight_sync, number_reward, on_rank0, start_guard, start_vllm, stop_vllm, vision_token_ids,
-                   vllm_generate, vllm_sleep, write_jsonl)
+import trainer
+from utils import (PromptSampler, accuracy_reward, build_tiny_model, engine_groups, format_reward,
+                   load_rows, make_weight_sync, number_reward, on_rank0, start_guard, start_vllm, stop_vllm,
+                   vision_token_ids, vllm_generate, vllm_sleep, write_jsonl)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
@@ -197,12 +175,15 @@ def user_error(message):
     raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "report.html", "images",
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "report.html", "prompt_images",
                "final")  # and checkpoint-*
+# what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
+STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
 # flags that change nothing in the math of a run: a resumed run may change them
+# (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
-                     "eval_steps", "eval_size", "eval_dataset", "log_completions_steps", "report_to", "strict", "debug",
-                     "gradient_checkpointing", "attn_implementation", "vllm_gpu_memory_utilization",
+                     "log_completions_steps", "report_to", "strict", "debug", "gradient_checkpointing",
+                     "vllm_gpu_memory_utilization",
                      "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
@@ -233,6 +214,11 @@ def resolve_output_dir(cfg, is_main):
         resume_from = cfg.resume
     elif cfg.resume == "auto" and found:
         resume_from = found[-1]
+    elif cfg.resume == "auto" and [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]:
+        kept = [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]
+        user_error(f"--resume auto: {out} holds {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} but no "
+                   "complete checkpoint to continue from (a finished run without checkpoints, an older version's "
+                   "checkpoints, or other files): start over with --overwrite true, or choose another --output_dir")
     elif earlier and not (cfg.overwrite or cfg.resume == "auto"):
         user_error(f"--output_dir {out} already holds {', '.join(earlier[:6])}{' ...' if len(earlier) > 6 else ''}: "
                    "continue that run with --resume auto, start over with --overwrite true (deletes its "
@@ -325,6 +311,11 @@ def main(cfg):
         debugpy.wait_for_client()
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
         trainer.OUTPUT_ON_EACH_NODE[:] = [True]
+    if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
+        start = accelerator.gather(torch.tensor([resumed_step(resume_from)], device=accelerator.device)).tolist()
+        if len(set(start)) > 1:
+            raise SystemExit(f"the ranks would resume from different steps {start} (a node's disk lacks a "
+                             "checkpoint the others have): give every node the same --resume checkpoint")
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
         ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
@@ -411,14 +402,22 @@ def main(cfg):
     return history
 
 
+def resumed_step(path):
+    if not path:
+        return 0
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)["step"]
+
+
 def stop_after_this_step(signum, frame):
     """SIGINT/SIGTERM: the step in progress finishes, a checkpoint is written, the run exits; a second one stops
     at once."""
     if trainer.STOP:
         raise KeyboardInterrupt
     trainer.STOP.append(signum)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop now)", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # os.write: print() may be mid-write in this very thread
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop now)\n"
+                 .encode())
 
 
 def resume(path, cfg, accelerator, sampler, sync):
@@ -433,6 +432,12 @@ def resume(path, cfg, accelerator, sampler, sync):
     if sync is not None:
         sync()
     done = history[-1]["step"]
+    if trainer.writes_checkpoints(accelerator):  # later checkpoints belong to the abandoned run: never resumed
+        for later in trainer.checkpoints(cfg.output_dir):
+            if int(later.rsplit("-", 1)[1]) > done:
+                print(f"resuming from step {done}: removing {later} (from the run that went on from there)")
+                shutil.rmtree(later, ignore_errors=True)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
         samples = os.path.join(cfg.output_dir, "completions.jsonl")
@@ -579,10 +584,30 @@ def prepare_reference(ref_model, accelerator):
     return engine
 
 
+def quiet_libraries(argv):
+    """Unless --verbose: library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation
+    warnings) down to errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
+    i = argv.index("--verbose") if "--verbose" in argv else -1
+    if "--verbose=true" in argv or i >= 0 and (i + 1 == len(argv) or argv[i + 1].lower() in ("1", "true", "yes", "on")
+                                                or argv[i + 1].startswith("--")):
+        return
+    for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                     TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
+                     TOKENIZERS_PARALLELISM="false").items():
+        os.environ.setdefault(k, v)
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("torch", "DeepSpeed", "deepspeed", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cli(argv=None):
     """`python main.py [flags]`: runs main, then leaves without Python's interpreter shutdown. gloo's worker threads
     may still be freeing the last collective's tensors, and shutdown racing them aborted about 1 run in 30 (core
     dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
+    quiet_libraries(sys.argv[1:] if argv is None else argv)  # before vLLM and transformers load (in main)
     try:
         cfg = parse_config(argv)
         if cfg.check_only:  # nothing written, nothing deleted

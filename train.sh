@@ -19,7 +19,8 @@ launch=("$py" -m accelerate.commands.launch --config_file "$here/ds_accel.yaml")
 if [ "$gpus" -eq 0 ]; then
   echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, ZeRO-3 processes on gloo"
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  set -- --model tiny --output_dir outputs/smoke --overwrite true --steps 16 --prompts_per_step 4 --num_generations 8 \
+  fresh=(--overwrite true); [[ " $* " == *" --resume "* ]] && fresh=()  # the smoke run starts over unless resumed
+  set -- --model tiny --output_dir outputs/smoke "${fresh[@]}" --steps 16 --prompts_per_step 4 --num_generations 8 \
     --max_completion_length 24 --rewards accuracy,format,number --learning_rate 3e-3 --save_steps 8 --eval_steps 8 \
     --eval_size 8 --log_completions_steps 4 "$@"
   procs=${NPROC_PER_NODE:-2}; launch+=(--mixed_precision no)

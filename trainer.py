@@ -333,7 +333,11 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
                              sampler_logps, tok.pad_token_id)
         t_train = time.time()
-        if sync_weights is not None:
+        # a rank was asked to stop (SIGINT/SIGTERM): all stop after this step, together, without the weight copy
+        # (the engine got the signal too and may be going; no rollout follows)
+        stop = accelerator.reduce(torch.tensor([float(bool(STOP))], device=accelerator.device), "sum").item() > 0 \
+            and step < cfg.steps
+        if sync_weights is not None and not stop:
             sync_weights()
         t_end = time.time()
 
@@ -343,9 +347,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
         tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff",
-                                                                 "seq_tokens")] + [float(bool(STOP))],
+                                                                 "seq_tokens")],
                                               device=accelerator.device), "sum").cpu().tolist()
-        stop = tot[6] > 0  # a rank was asked to stop: all stop after this step, together
         n_tok = max(tot[0], 1)
         m = {"step": step, "loss": tot[3] / accelerator.num_processes,
              "reward_mean": g["reward"].mean().item(), "reward_std": g["reward"].std().item(),
@@ -368,7 +371,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             peak = peak_bf16_flops()
             if peak:  # model FLOPs utilisation of the update: 6 x parameters x tokens trained on
                 m["mfu"] = 6 * n_params * tot[5] / (t_train - t_rew) / (peak * accelerator.num_processes)
-        if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps):
+        if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps) and not stop:
             m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
             m["eval_source"] = eval_source
             if accelerator.is_main_process:
@@ -436,9 +439,11 @@ def save_model(model, processor, accelerator, path):
     if OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
         from utils import weight_groups
         state = {}
+        writer = writes_checkpoints(accelerator)
         for _, group in weight_groups(list(hf.named_parameters())):
-            with gather_zero3_params([p for _, p in group]):
-                state.update({n: p.detach().to("cpu", copy=True) for n, p in group})
+            with gather_zero3_params([p for _, p in group]):  # collective: every rank
+                if writer:
+                    state.update({n: p.detach().to("cpu", copy=True) for n, p in group})
     else:
         state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0; keys are "model.<hf name>"
         state = state and {k.removeprefix("model."): v for k, v in state.items()}
@@ -529,7 +534,7 @@ def plot_curves(history, path):
 
 
 def save_thumbnail(image, out_dir, name):
-    """A small PNG of a prompt's image in out_dir/images/ (the report and completions.jsonl point at it), or None."""
+    """A small PNG of a prompt's image in out_dir/prompt_images/ (the report and completions.jsonl point at it), or None."""
     from utils import load_image
     if image is None:
         return None
@@ -537,9 +542,9 @@ def save_thumbnail(image, out_dir, name):
         thumb = load_image(image, 28 * 28, 160 * 160)
     except ValueError:
         return None
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    thumb.save(os.path.join(out_dir, "images", f"{name}.png"))
-    return f"images/{name}.png"
+    os.makedirs(os.path.join(out_dir, "prompt_images"), exist_ok=True)
+    thumb.save(os.path.join(out_dir, "prompt_images", f"{name}.png"))
+    return f"prompt_images/{name}.png"
 
 
 def write_report(out_dir, history, total_steps, last_steps=10):

@@ -275,8 +275,10 @@ def first_bad_json_line(path):
     try:
         json.loads(text)
         return None
-    except ValueError:
-        pass
+    except json.JSONDecodeError as e:
+        if path.lower().endswith(".json") and text.lstrip().startswith("["):  # one document over many lines
+            line = text.splitlines()[e.lineno - 1] if e.lineno <= len(text.splitlines()) else ""
+            return f"line {e.lineno} is not valid JSON ({e.msg}): {line[:120]!r}"
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
@@ -300,7 +302,7 @@ class DatasetRows:
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return self.take(self.indices[i])
+            return self.take(range(len(self.indices))[i])  # positions in this view, not dataset rows
         question, solution, image_column = self.columns
         row = self.ds[self.indices[i]]
         image = row.get(image_column)
@@ -702,16 +704,17 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
     try:
-        llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
-                  generation_config="vllm",  # no sampling defaults from the model's files: we set every one
-                  max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
-                  enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
-                  logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
-                  worker_extension_cls="utils.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
-                  enforce_eager=cfg.vllm_enforce_eager or gpu is None,
-                  # CPU: a prompt split over two scheduler steps rewinds its seeded generator, which CPU generators
-                  # cannot ("CPU Generator does not use offset"): prompts are prefilled whole there
-                  enable_chunked_prefill=gpu is not None, **extra)
+        with children_in_own_session():  # a Ctrl-C for the trainer must not stop the engine mid-step
+            llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
+                      generation_config="vllm",  # no sampling defaults from the model's files: we set every one
+                      max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
+                      enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                      logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
+                      worker_extension_cls="utils.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
+                      enforce_eager=cfg.vllm_enforce_eager or gpu is None,
+                      # CPU: a prompt split over two scheduler steps rewinds its seeded generator, which CPU generators
+                      # cannot ("CPU Generator does not use offset"): prompts are prefilled whole there
+                      enable_chunked_prefill=gpu is not None, **extra)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -721,6 +724,37 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     guard_children()  # the engine's processes end with this one, however it ends
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     return llm
+
+
+NEW_SESSION = []  # [True] while start_vllm starts the engine: forked children begin a session of their own
+
+
+def children_in_own_session():
+    """Context: processes started meanwhile (vLLM's engine, by fork or spawn) run in a session of their own. torchrun
+    passes Ctrl-C/SIGTERM to each rank's whole process group; the engine must not die with it while the trainer
+    finishes the step to checkpoint it (the watchdog and stop_vllm still end it)."""
+    import _posixsubprocess
+    import contextlib
+    if not getattr(children_in_own_session, "registered", False):
+        os.register_at_fork(after_in_child=lambda: NEW_SESSION and os.setsid())  # the fork start method
+        children_in_own_session.registered = True
+    fork_exec = _posixsubprocess.fork_exec
+
+    def fork_exec_setsid(*args):  # the spawn start method (multiprocessing.util.spawnv_passfds): call_setsid
+        if len(args) == 23 and args[15] is False:
+            args = args[:15] + (True,) + args[16:]
+        return fork_exec(*args)
+
+    @contextlib.contextmanager
+    def scope():
+        NEW_SESSION.append(True)
+        _posixsubprocess.fork_exec = fork_exec_setsid
+        try:
+            yield
+        finally:
+            NEW_SESSION.clear()
+            _posixsubprocess.fork_exec = fork_exec
+    return scope()
 
 
 def connect_nccl(llm):
@@ -773,7 +807,10 @@ def in_thread(fn, *args):
 
 def stop_vllm(llm):
     """Stops the engine's processes now, rather than at interpreter exit where their logging meets closed files."""
-    llm.llm_engine.engine_core.shutdown()
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as e:  # an engine already gone (a stop signal reached it too): nothing left to stop
+        warnings.warn(f"stopping the vLLM engine: {type(e).__name__}: {e}")
     path, _ = getattr(llm, "weight_staging", (None, 0))
     if path is not None and os.path.exists(path):
         os.remove(path)
@@ -953,11 +990,17 @@ def weight_staging_file(llm, nbytes):
 def remove_stale_staging_files(folder):
     """Staging files of processes that are gone (killed with their watchdog, e.g. a whole tree at once)."""
     import glob
+    import time
     for path in glob.glob(os.path.join(folder, "grpo_vl_weights_*.bin")):
         try:
+            if time.time() - os.path.getmtime(path) < 600:  # in use: every copy rewrites it (and a pid from
+                continue                                   # another container's namespace may look dead)
             os.kill(int(os.path.basename(path).split("_")[3]), 0)
         except ProcessLookupError:
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError:  # another run removed it first
+                pass
         except (ValueError, IndexError, OSError):
             pass
 

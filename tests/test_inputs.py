@@ -195,6 +195,9 @@ def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_pa
     train, held, _ = main.load_data(main.Config(dataset=str(tmp_path / "d.parquet"), eval_size=2))
     assert len(train) == 8 and len(held) == 2 and not isinstance(held, list)
     assert {r["solution"] for r in train}.isdisjoint(r["solution"] for r in held)
+    for rank in (0, 1):  # each rank's share of the training rows: held-out rows never among them
+        mine = utils.PromptSampler(train, AutoProcessor.from_pretrained(tiny_qwen2_vl), main.Config(), rank, 2).rows
+        assert [r["solution"] for r in mine] == [r["solution"] for r in train][rank::2]
 
 
 def report_run(tmp_path):
@@ -267,6 +270,11 @@ def test_data_errors_name_the_line_the_row_or_the_file(tmp_path, tiny_qwen2_vl):
     p = run([PY, "main.py", "--check_only", "true", "--model", "tiny", "--dataset", str(bad), "--output_dir",
              str(tmp_path / "o")], check=False)
     assert p.returncode != 0 and "line 2 is not valid JSON" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+    pretty = tmp_path / "pretty.json"  # one JSON document over several lines: the line of the error
+    pretty.write_text('[\n  {"problem": "a", "solution": "1"},\n  {"problem": "b" "solution": "2"}\n]\n')
+    with pytest.raises(ValueError, match="line 3 is not valid JSON"):
+        utils.load_rows(str(pretty), "train", "problem", "solution", "image")
 
     (tmp_path / "broken.png").write_bytes(b"not a png")
     rows = [{"problem": "how many?", "solution": "1", "image": str(tmp_path / "broken.png")}]

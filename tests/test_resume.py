@@ -118,13 +118,17 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_path_factory, rollout):
     """SIGINT to the launcher (a terminal's Ctrl-C): the step in progress finishes, a resumable checkpoint, the
     curves and metrics are written, the run exits non-zero saying how to continue; continuing ends where the
-    uninterrupted run does."""
-    whole = uninterrupted(tmp_path_factory, "hf")
+    uninterrupted run does. With vLLM: torchrun signals rank 0's whole process group, the engine included, which
+    must live on to finish the step."""
+    if rollout == "vllm":
+        pytest.importorskip("vllm")
+    whole = uninterrupted(tmp_path_factory, rollout)
     out = str(tmp_path / "run")
-    args = [*LAUNCH, *RUN, "--rollout", "hf", "--output_dir", out, "--save_steps", "0"]
+    args = [*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out, "--save_steps", "0"]
     with open(tmp_path / "stopped.log", "w") as log:
         proc = start(args, log)
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
@@ -201,13 +205,15 @@ def test_resume_refuses_a_config_that_changes_the_math(tmp_path):
     saved = main.Config(output_dir=str(out))
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "num_processes": 1, "history": [],
                                                          "config": main.dataclasses.asdict(saved)}))
-    ok = main.Config(output_dir=str(out), resume="auto", steps=500, save_steps=7, eval_steps=3)
+    ok = main.Config(output_dir=str(out), resume="auto", steps=500, save_steps=7, log_completions_steps=3)
     assert main.resolve_output_dir(ok, True) == str(ckpt)
     changed = main.Config(output_dir=str(out), resume="auto", learning_rate=2e-6, num_generations=4, model="tiny")
     with pytest.raises(SystemExit) as e:
         main.resolve_output_dir(changed, True)
     assert "--learning_rate 1e-06 -> 2e-06" in str(e.value) and "--num_generations 8 -> 4" in str(e.value)
     assert "--model Qwen/Qwen2-VL-2B-Instruct -> tiny" in str(e.value) and "--steps" not in str(e.value)
+    with pytest.raises(SystemExit, match="--eval_steps 50 -> 3"):  # evaluation draws from the rollouts' RNG
+        main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto", eval_steps=3), True)
 
 
 def test_overwrite_deletes_only_the_earlier_runs_outputs(tmp_path):
@@ -220,10 +226,33 @@ def test_overwrite_deletes_only_the_earlier_runs_outputs(tmp_path):
         (out / f).write_text("x")
     assert main.resolve_output_dir(main.Config(output_dir=str(out), overwrite=True), True) == ""
     assert sorted(os.listdir(out)) == ["base_model", "notes.txt"]  # the user's own file stays
-    # --resume auto with no complete checkpoint starts over the same way
+    # --resume auto where a run died before its first checkpoint: starts over, deleting only what it left
+    os.remove(out / "notes.txt")
     (out / "metrics.jsonl").write_text("x")
+    (out / "checkpoint-2.tmp").mkdir()
     assert main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto"), True) == ""
-    assert sorted(os.listdir(out)) == ["base_model", "notes.txt"]
+    assert sorted(os.listdir(out)) == ["base_model"]
+    # ... but never a finished model, another version's checkpoints or the user's files: those need --overwrite
+    for leftover in ("final", "checkpoint-6", "notes"):
+        (out / leftover).mkdir()
+        with pytest.raises(SystemExit, match=f"holds {leftover} but no complete checkpoint.*--overwrite true"):
+            main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto"), True)
+        assert (out / leftover).exists()
+        os.rmdir(out / leftover)
+
+
+@pytest.mark.slow
+def test_resuming_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
+    """Checkpoints after the one resumed from belong to the abandoned run: a later --resume auto must not jump
+    back to them."""
+    out = str(tmp_path / "run")
+    args = [PY, "tests/run_with_reward.py", *RUN, "--rollout", "hf", "--output_dir", out]  # one process
+    run([*args, "--steps", "4"])
+    assert os.path.exists(os.path.join(out, "checkpoint-4"))
+    run([*args, "--steps", "3", "--resume", os.path.join(out, "checkpoint-2")])
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "checkpoint-*"))) == \
+        ["checkpoint-2", "checkpoint-3"]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
 def test_a_reused_base_model_folder_is_rebuilt_for_another_tiny_model_or_seed(tmp_path):
