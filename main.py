@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 import trainer
-from utils import (PromptSampler, accuracy_reward, build_tiny_model, engine_groups, format_reward,
-                   load_rows, make_weight_sync, number_reward, on_rank0, start_guard, start_vllm, stop_vllm,
-                   vision_token_ids, vllm_generate, vllm_sleep, write_jsonl)
+from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
+                    vllm_sleep)
+from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, number_reward,
+                   vision_token_ids, write_jsonl)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}

@@ -7,7 +7,7 @@
 # overrides the training processes per node.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"  # the vLLM engine's processes import utils from here
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"  # the vLLM engine's processes import engine.py from here
 py=python3; [ -x "$here/.venv/bin/python" ] && py="$here/.venv/bin/python"
 if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
   gpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)

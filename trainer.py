@@ -19,7 +19,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, gather_zero3_params, write_jsonl
+from engine import gather_zero3_params, weight_groups
+from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, write_jsonl
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ class LogProbModel(torch.nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rollouts. `generate(prompts, n)` -> (for each prompt n lists of completion token ids, the same shape of their
-# sampling log-probs). utils.vllm_generate is the fast one; hf_generate needs no vLLM.
+# sampling log-probs). engine.vllm_generate is the fast one; hf_generate needs no vLLM.
 
 @torch.no_grad()
 def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_p=1.0, suppressed_ids=()):
@@ -437,7 +438,6 @@ def save_model(model, processor, accelerator, path):
     transformers and vLLM."""
     hf = accelerator.unwrap_model(model).model
     if OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
-        from utils import weight_groups
         state = {}
         writer = writes_checkpoints(accelerator)
         for _, group in weight_groups(list(hf.named_parameters())):

@@ -1,6 +1,6 @@
 """The weight copy into vLLM, ours and the reference side by side in one run, on the same engine and model:
 
-- ours (utils.push_weights_to_vllm): each bucket of layers is written into a host staging file that the engine maps
+- ours (engine.push_weights_to_vllm): each bucket of layers is written into a host staging file that the engine maps
   and loads in place; only names, shapes and offsets go through the RPC.
 - reference: the same buckets with their tensors serialised into the RPC itself (msgpack over vLLM's socket), the
   way a worker-extension copy does when it sends the data through collective_rpc.
@@ -34,7 +34,7 @@ def load_packed(worker, packed):
 
 
 def reference_copy(llm, named, bucket_mb, dtype):
-    from utils import weight_buckets
+    from engine import weight_buckets
     for bucket in weight_buckets(named, bucket_mb):
         packed = [(n, str(dtype).removeprefix("torch."), list(p.shape),
                    p.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -62,7 +62,7 @@ def main():
     args = ap.parse_args()
     from transformers import AutoModelForImageTextToText
     from main import Config
-    from utils import push_weights_to_vllm, start_vllm, stop_vllm
+    from engine import push_weights_to_vllm, start_vllm, stop_vllm
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to("cuda" if gpu else "cpu")

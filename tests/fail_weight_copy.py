@@ -8,9 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_with_reward  # noqa: E402,F401  (registers the test rewards)
 import main  # noqa: E402
 import trainer  # noqa: E402
-import utils  # noqa: E402
+import engine  # noqa: E402
 
-staging_file, update_policy, updated = utils.weight_staging_file, trainer.update_policy, []
+staging_file, update_policy, updated = engine.weight_staging_file, trainer.update_policy, []
 
 
 def failing_staging_file(llm, nbytes):  # rank 0 only, once per bucket of the copy
@@ -25,6 +25,6 @@ def update_then_fail(*args, **kwargs):
     return out
 
 
-utils.weight_staging_file, trainer.update_policy = failing_staging_file, update_then_fail
+engine.weight_staging_file, trainer.update_policy = failing_staging_file, update_then_fail
 if __name__ == "__main__":
     main.cli()

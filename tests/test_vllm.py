@@ -21,7 +21,8 @@ def engine(tmp_path_factory, request):
     through the staging file); on a GPU, sharing the trainer's (staging file) or on a GPU of its own (NCCL)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
-    from utils import build_prompt, build_tiny_model, make_counting_dataset, start_vllm, stop_vllm, vision_token_ids
+    from engine import start_vllm, stop_vllm
+    from utils import build_prompt, build_tiny_model, make_counting_dataset, vision_token_ids
     path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), "qwen2_vl")
     dtype = torch.bfloat16 if GPU else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
@@ -43,7 +44,8 @@ def engine(tmp_path_factory, request):
 def parity(e):
     """Mean |log p_vLLM - log p_trainer| over the tokens vLLM sampled (with images), in nats per token."""
     import trainer
-    from utils import collate, vllm_generate
+    from engine import vllm_generate
+    from utils import collate
     samples, logps = vllm_generate(e["llm"], e["prompts"], 2, e["cfg"], e["suppressed"])
     completions, sampled = [c for g in samples for c in g], [lp for g in logps for lp in g]
     assert all(len(c) == len(lp) for c, lp in zip(completions, sampled))
@@ -65,7 +67,7 @@ def perturb(model, scale=0.02, seed=0):
 
 
 def test_weight_copy_is_exact_vision_tower_included(engine):
-    from utils import make_weight_sync
+    from engine import make_weight_sync
     model = engine["model"]
     model.load_state_dict(engine["initial"])
     model.requires_grad_(True)  # vision tower trained too
@@ -94,7 +96,7 @@ def test_weight_copy_is_exact_vision_tower_included(engine):
 @pytest.mark.parametrize("left_out", ["model.visual.blocks.0.mlp.fc1.weight",
                                       "model.language_model.layers.1.self_attn.q_proj.weight", "lm_head.weight"])
 def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
-    from utils import make_weight_sync, push_weights_to_vllm
+    from engine import make_weight_sync, push_weights_to_vllm
     model = engine["model"]
     model.load_state_dict(engine["initial"])
     model.requires_grad_(True)

