@@ -606,7 +606,7 @@ def quiet_libraries(argv):
 
 def cli(argv=None):
     """`python main.py [flags]`: runs main, then leaves without Python's interpreter shutdown. gloo's worker threads
-    may still be freeing the last collective's tensors, and shutdown racing them aborted about 1 run in 30 (core
+    may still be freeing the last collective's tensors, and shutdown racing them aborted now and then (core
     dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
     quiet_libraries(sys.argv[1:] if argv is None else argv)  # before vLLM and transformers load (in main)
     try:
