@@ -188,6 +188,16 @@ RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_
                      "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
+def preflight(cfg, is_main):
+    """Every check that needs no model: flags' paths, output_dir (the checkpoint to resume from), the data, the
+    model's config. Returns (checkpoint or '', load_data's result). train.sh runs it alone first (--check_only)."""
+    check_paths(cfg)
+    resume_from = resolve_output_dir(cfg, is_main)
+    data = load_data(cfg)
+    check_model(cfg.model)
+    return resume_from, data
+
+
 def check_paths(cfg):
     """Local files named in the flags exist (else a path would be looked up on the Hub, and fail far later)."""
     def looks_local(name):
@@ -208,6 +218,7 @@ def resolve_output_dir(cfg, is_main):
         user_error(f"--output_dir {out} is a file: name a folder")
     earlier = sorted(e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != "base_model")
     found = trainer.checkpoints(out)
+    not_restartable = [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]
     if cfg.resume and cfg.resume != "auto":
         if not os.path.exists(os.path.join(cfg.resume, "trainer_state.json")):
             user_error(f"--resume {cfg.resume}: not a complete checkpoint (no trainer_state.json); complete ones in "
@@ -215,9 +226,9 @@ def resolve_output_dir(cfg, is_main):
         resume_from = cfg.resume
     elif cfg.resume == "auto" and found:
         resume_from = found[-1]
-    elif cfg.resume == "auto" and [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]:
-        kept = [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]
-        user_error(f"--resume auto: {out} holds {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} but no "
+    elif cfg.resume == "auto" and not_restartable:
+        user_error(f"--resume auto: {out} holds {', '.join(not_restartable[:6])}"
+                   f"{' ...' if len(not_restartable) > 6 else ''} but no "
                    "complete checkpoint to continue from (a finished run without checkpoints, an older version's "
                    "checkpoints, or other files): start over with --overwrite true, or choose another --output_dir")
     elif earlier and not (cfg.overwrite or cfg.resume == "auto"):
@@ -240,8 +251,7 @@ def resolve_output_dir(cfg, is_main):
                         except FileNotFoundError:
                             pass
         return ""
-    with open(os.path.join(resume_from, "trainer_state.json")) as f:
-        saved = json.load(f)
+    saved = trainer.saved_state(resume_from)
     now = dataclasses.asdict(cfg)
     changed = {k: (v, now.get(k)) for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v}
     if changed:
@@ -289,10 +299,8 @@ def main(cfg):
     start_guard()  # this process, and the vLLM engine it starts, end when it or the launcher dies
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
         signal.signal(sig, stop_after_this_step)
-    check_paths(cfg)
-    resume_from = resolve_output_dir(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)  # per node disk
-    rows, eval_rows, eval_source = load_data(cfg)  # a data error stops the run before any model loads
-    check_model(cfg.model)
+    # each node's first process tidies its output_dir (per node disk); a bad input stops before any model loads
+    resume_from, (rows, eval_rows, eval_source) = preflight(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)
@@ -313,7 +321,8 @@ def main(cfg):
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
         trainer.OUTPUT_ON_EACH_NODE[:] = [True]
     if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
-        start = accelerator.gather(torch.tensor([resumed_step(resume_from)], device=accelerator.device)).tolist()
+        start = accelerator.gather(torch.tensor([trainer.saved_state(resume_from)["step"] if resume_from else 0],
+                                              device=accelerator.device)).tolist()
         if len(set(start)) > 1:
             raise SystemExit(f"the ranks would resume from different steps {start} (a node's disk lacks a "
                              "checkpoint the others have): give every node the same --resume checkpoint")
@@ -363,7 +372,7 @@ def main(cfg):
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     if accelerator.is_main_process:  # the one start line: what runs where
-        engine = "transformers generate" if llm is None and cfg.rollout == "hf" or sync is None else \
+        engine = "transformers generate" if sync is None else \
             f"vLLM on {'CPU' if accelerator.device.type == 'cpu' else 'the last GPU'}"
         print(f"grpo-vl: {cfg.model} | {len(rows)} training rows, eval: {eval_source or 'none'} | "
               f"{accelerator.num_processes} training process(es) on {accelerator.device.type}"
@@ -403,13 +412,6 @@ def main(cfg):
     return history
 
 
-def resumed_step(path):
-    if not path:
-        return 0
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)["step"]
-
-
 def stop_after_this_step(signum, frame):
     """SIGINT/SIGTERM: the step in progress finishes, a checkpoint is written, the run exits; a second one stops
     at once."""
@@ -424,8 +426,7 @@ def stop_after_this_step(signum, frame):
 def resume(path, cfg, accelerator, sampler, sync):
     """Loads the checkpoint at `path` into the prepared model, optimizer, RNGs and sampler, copies the weights into
     the rollout engine and puts the logs back to that step; returns the metrics of the steps done."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        saved = json.load(f)["num_processes"]
+    saved = trainer.saved_state(path)["num_processes"]
     if saved != accelerator.num_processes:
         user_error(f"--resume {path}: it was written by {saved} training processes and this run has "
                    f"{accelerator.num_processes}: resume with the same GPU count")
@@ -585,13 +586,9 @@ def prepare_reference(ref_model, accelerator):
     return engine
 
 
-def quiet_libraries(argv):
-    """Unless --verbose: library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation
-    warnings) down to errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
-    i = argv.index("--verbose") if "--verbose" in argv else -1
-    if "--verbose=true" in argv or i >= 0 and (i + 1 == len(argv) or argv[i + 1].lower() in ("1", "true", "yes", "on")
-                                                or argv[i + 1].startswith("--")):
-        return
+def quiet_libraries():
+    """Library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation warnings) down to
+    errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
     for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
                      TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
                      TOKENIZERS_PARALLELISM="false").items():
@@ -608,14 +605,12 @@ def cli(argv=None):
     """`python main.py [flags]`: runs main, then leaves without Python's interpreter shutdown. gloo's worker threads
     may still be freeing the last collective's tensors, and shutdown racing them aborted now and then (core
     dump: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> take_gil -> pthread_exit -> std::terminate)."""
-    quiet_libraries(sys.argv[1:] if argv is None else argv)  # before vLLM and transformers load (in main)
     try:
         cfg = parse_config(argv)
-        if cfg.check_only:  # nothing written, nothing deleted
-            check_paths(cfg)
-            resolve_output_dir(cfg, is_main=False)
-            load_data(cfg)
-            check_model(cfg.model)
+        if not cfg.verbose:
+            quiet_libraries()  # before vLLM and transformers load (in main)
+        if cfg.check_only:
+            preflight(cfg, is_main=False)  # nothing written, nothing deleted
         else:
             main(cfg)
         code = 0

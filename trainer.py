@@ -502,9 +502,13 @@ def load_checkpoint(path, accelerator, sampler):
     accelerator.load_state(os.path.join(path, "state"))
     with open(os.path.join(path, "state", f"sampler_{accelerator.process_index}.pkl"), "rb") as f:
         sampler.load_state_dict(pickle.load(f))
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)["history"]
+    return saved_state(path)["history"]
 
+
+def saved_state(path):
+    """A checkpoint's trainer_state.json: step, num_processes, config, history."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
 
 def plot_curves(history, path):
     """Six panels per step, as a PNG: rewards (mean and each reward), accuracy and eval accuracy, KL, completion

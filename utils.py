@@ -219,7 +219,7 @@ def to_rgb(image):
         a = np.asarray(image, dtype=np.float64)
         top = 1.0 if image.mode == "F" and a.max() <= 1 else 255.0 if a.max() <= 255 else 65535.0
         image = Image.fromarray(np.clip(a / top * 255, 0, 255).round().astype(np.uint8), "L")
-    if image.mode == "P" or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ("P", "RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
@@ -272,14 +272,15 @@ def first_bad_json_line(path):
     file if it is one JSON document; None if it parses."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
+    lines = text.splitlines()
     try:
         json.loads(text)
         return None
     except json.JSONDecodeError as e:
         if path.lower().endswith(".json") and text.lstrip().startswith("["):  # one document over many lines
-            line = text.splitlines()[e.lineno - 1] if e.lineno <= len(text.splitlines()) else ""
+            line = lines[e.lineno - 1] if e.lineno <= len(lines) else ""
             return f"line {e.lineno} is not valid JSON ({e.msg}): {line[:120]!r}"
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 json.loads(line)
@@ -306,9 +307,9 @@ class DatasetRows:
         question, solution, image_column = self.columns
         row = self.ds[self.indices[i]]
         image = row.get(image_column)
-        if self.folder and isinstance(image, str) and not image.startswith(("/", "http://", "https://", "data:")):
-            image = image.removeprefix("file://")
-            image = image if os.path.isabs(image) else os.path.join(self.folder, image)  # relative to the data file
+        if self.folder and isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+            image = os.path.join(self.folder, image.removeprefix("file://"))  # relative to the data file (join
+            # keeps an absolute path as it is)
         row.update(problem=row[question], solution=row[solution], image=image)
         return row
 
@@ -481,8 +482,8 @@ def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
         except (OSError, ValueError):
             built = None
         if built != recipe or not os.path.exists(os.path.join(path, "model.safetensors")):  # another kind or seed
-            if os.path.exists(os.path.join(path, "model.safetensors")):
-                os.remove(os.path.join(path, "model.safetensors"))
+            if built is not None:  # the recipe file is written last: it marks a complete build
+                os.remove(os.path.join(path, "tiny_model.json"))
             _build_tiny_model(path, kind, seed, processor_from)
             with open(os.path.join(path, "tiny_model.json"), "w") as f:
                 json.dump(recipe, f)
