@@ -128,9 +128,19 @@ class VLLMWeightLoader:
     def load_hf_weights(self, path, entries):
         """Loads (hf_name, dtype, shape, offset) tensors, read in place from the staging file `path` that rank 0
         just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
+        return self.reload_flat(torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+")), entries)
+
+    def load_ipc_weights(self, handle, entries):
+        """The same from a CUDA buffer of the trainer's process on this GPU (colocate mode), opened through its
+        CUDA IPC handle (torch's reduce_tensor arguments, pickled): no copy through host memory."""
+        import pickle
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        args = list(pickle.loads(handle))
+        args[6] = self.device.index  # the device index as this process numbers it
+        return self.reload_flat(rebuild_cuda_tensor(*args), entries)
+
+    def reload_flat(self, flat, entries):
         import logging
-        staged = np.memmap(path, dtype=np.uint8, mode="r+")
-        flat = torch.from_numpy(staged)
         weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
                     .view(shape)) for name, dtype, shape, off in entries]
         # a partial load (one bucket) makes reload_weights warn about every layer of the other buckets; the caller
@@ -148,7 +158,7 @@ class VLLMWeightLoader:
             loaded = self.record_loads(False)
             for q, lv in zip(quiet, levels):
                 q.setLevel(lv)
-            del weights, flat, staged
+            del weights, flat
         return loaded
 
 
@@ -169,10 +179,13 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
     transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
-        "nccl" if gpu is not None and not colocate else "file"
+        "file" if gpu is None else "ipc" if colocate else "nccl"
     if transfer == "nccl" and (gpu is None or colocate):
         raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
                          "auto here")
+    if transfer == "ipc" and not colocate:
+        raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
+                         "use nccl, file or auto here")
     extra = {}
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
@@ -197,6 +210,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
                 os.environ[k] = v
     guard_children()  # the engine's processes end with this one, however it ends
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
+    llm.weight_transfer = transfer
     return llm
 
 
@@ -260,13 +274,14 @@ def send_nccl(llm, bucket, dtype=None):
 
 
 def in_thread(fn, *args):
-    """Starts fn(*args) on a thread; returns a function that waits for it and raises what it raised."""
+    """Starts fn(*args) on a thread; returns a function that waits for it and returns what it returned (or raises
+    what it raised)."""
     import threading
     box = {}
 
     def run():
         try:
-            fn(*args)
+            box["result"] = fn(*args)
         except BaseException as e:
             box["error"] = e
     thread = threading.Thread(target=run, daemon=True)
@@ -276,6 +291,7 @@ def in_thread(fn, *args):
         thread.join()
         if "error" in box:
             raise box["error"]
+        return box["result"]
     return join
 
 
@@ -299,10 +315,12 @@ def vllm_prompt(prompt):
     return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": prompt["image"]}}
 
 
-def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
+def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, background=False):
     """n samples per prompt from the engine: (token ids, their sampling log-probs) per sample, per prompt.
     With several training processes every rank calls this; the engine's owner (rank 0, or each node's local
-    rank 0) generates for all the ranks it serves. `rank`/`world`: this process's place among them."""
+    rank 0) generates for all the ranks it serves. `rank`/`world`: this process's place among them.
+    background=True: the engine starts on the requests and this returns at once a function that waits for the
+    result (every rank must call it, in the same order as other collectives): the trainer works meanwhile."""
     import torch.distributed as dist
     requests = [vllm_prompt(p) for p in prompts]
     if world > 1:
@@ -310,8 +328,8 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
         dist.all_gather_object(everyone, requests, group=ENGINE["group"])
     else:
         everyone = [requests]
-
-    def sample_for_everyone():
+    job = None
+    if rank == 0:
         from vllm import SamplingParams
         flat_requests = [r for rs in everyone for r in rs]
         # a seed per request, drawn from rank 0's torch RNG (saved in checkpoints): a resumed run samples what the
@@ -321,23 +339,30 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1):
         params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0,
                                  repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                  max_tokens=cfg.max_completion_length, logprobs=0, seed=first + k * n,
-                                 logit_bias=bias) for k in range(len(flat_requests))]
-        vllm_wake_up(llm)
-        outs = llm.generate(flat_requests, params, use_tqdm=False)
-        vllm_sleep(llm)
-        flat = [([list(o.token_ids) for o in out.outputs],
-                 [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
-        bounds = [0]
-        for rs in everyone:
-            bounds.append(bounds[-1] + len(rs))
-        for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
-            if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
-                raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the processor "
-                                   f"to {p['input_ids'].shape[1]}: the image sizes differ (check --max_pixels)")
-        return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
-    results = on_rank0(sample_for_everyone, rank == 0, share=True)
-    mine = results[rank]
-    return [tokens for tokens, _ in mine], [logps for _, logps in mine]
+                                 logit_bias=bias, detokenize=False)  # token ids are all we use
+                  for k in range(len(flat_requests))]
+
+        def sample_for_everyone():
+            vllm_wake_up(llm)
+            outs = llm.generate(flat_requests, params, use_tqdm=False)
+            vllm_sleep(llm)
+            flat = [([list(o.token_ids) for o in out.outputs],
+                     [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
+            bounds = [0]
+            for rs in everyone:
+                bounds.append(bounds[-1] + len(rs))
+            for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
+                if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
+                    raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the "
+                                       f"processor to {p['input_ids'].shape[1]}: the image sizes differ (check "
+                                       "--max_pixels)")
+            return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
+        job = in_thread(sample_for_everyone) if background else sample_for_everyone
+
+    def result():
+        mine = on_rank0(job, rank == 0, share=True)[rank]
+        return [tokens for tokens, _ in mine], [logps for _, logps in mine]
+    return result if background else result()
 
 
 ENGINE = {"group": None, "leader": 0, "size": None}  # the ranks one vLLM engine serves (engine_groups)
@@ -491,11 +516,19 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
             t = dtype or p.dtype
             entries.append((n, str(t).removeprefix("torch."), list(p.shape), off))
             off += -(-p.numel() * t.itemsize // 64) * 64  # 64-byte aligned, so every view is aligned
-        path = weight_staging_file(llm, off)
-        flat = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=(off,)))
+        if ipc:  # a buffer on this GPU that the engine opens by its CUDA IPC handle
+            flat = torch.empty(off, dtype=torch.uint8, device=bucket[0][1].device)
+        else:
+            path = weight_staging_file(llm, off)
+            flat = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+", shape=(off,)))
         for (n, p), (_, t, shape, o) in zip(bucket, entries):
             dt = getattr(torch, t)
             flat[o:o + p.numel() * dt.itemsize].view(dt).view(shape).copy_(p.detach())
+        if ipc:
+            import pickle
+            from torch.multiprocessing.reductions import reduce_tensor
+            torch.cuda.synchronize()
+            return pickle.dumps(reduce_tensor(flat)[1]), entries, flat  # flat lives until the engine has loaded it
         return path, entries
 
     def reset_caches():
@@ -504,7 +537,8 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
             if reset is not None:  # image features encoded by the old vision tower
                 reset()
 
-    nccl = is_main and getattr(llm, "weight_group", None) is not None  # else the staging file (rank 0 decides)
+    nccl = is_main and getattr(llm, "weight_group", None) is not None  # else IPC or the staging file
+    ipc = is_main and getattr(llm, "weight_transfer", None) == "ipc"
     loaded = set()
 
     def begin():
@@ -512,8 +546,11 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
             llm.collective_rpc("record_loads", args=(True,))
             llm.start_weight_update()
 
-    def load_staged(staged):  # the engine reads the file after the gathered bucket is released
-        if not nccl:
+    def load_staged(staged):  # the engine reads the copy after the gathered bucket is released
+        if ipc:
+            loaded.update(llm.collective_rpc("load_ipc_weights", args=staged[:2])[0])
+            torch.cuda.ipc_collect()
+        elif not nccl:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
     def end():

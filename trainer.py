@@ -39,14 +39,18 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo",
-              max_completion_length=None, num_sequences=None, num_tokens=None):
+              max_completion_length=None, num_sequences=None, num_tokens=None, is_weight=None):
     """Clipped policy-gradient loss on (B, C) per-token log-probs. `num_sequences`/`num_tokens` are the totals of
     the whole batch when this is one micro-batch of it, so that micro-batch losses add up to the batch loss.
-    Returns (loss, stats) with stats as sums over this micro-batch's tokens."""
+    `is_weight`: (B, C) truncated importance-sampling weights min(p_old / p_sampler, cap) on the policy-gradient
+    term (the KL term is exact whoever sampled). Returns (loss, stats) with stats as sums over this micro-batch's
+    tokens."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.min(unclipped, clipped)
+    if is_weight is not None:  # the rollout engine drew these tokens (one step behind, or bf16-noisy): reweigh
+        per_token = per_token * is_weight
     kl = None
     if beta > 0:
         delta = ref_logp - logp
@@ -78,8 +82,9 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
     B, C = batch["completion_mask"].shape
     if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
         batch = with_blank_image(batch, model.config)
-    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state[:B]  # (B, L, H)
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "image_index")}
+    with shared_image_features(model.model, batch.get("image_index"), batch.get("image_grid_thw")):
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state[:B]  # (B, L, H)
     hidden = hidden[:, -C - 1:-1]  # (B, C, H): position t predicts token t + 1
     targets = batch["input_ids"][:B, -C:]
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=targets.device) if suppressed_ids else None
@@ -101,6 +106,36 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
         out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logprobs(h, t))
     return torch.cat(out, dim=1)
+
+
+def shared_image_features(inner, image_index, image_grid_thw):
+    """Context: the model's vision tower runs once per distinct image of a batch from collate(share_images=True)
+    (pixel_values holds each image once) and every row of that image reads the same features. The G rows of a
+    prompt share its image, so this saves (G - 1) / G of the vision work, forward and backward; the gradient is
+    the same (each row's gradient flows back into the shared features and adds up there). Everything else (image
+    placement, multimodal RoPE) stays the model's own forward."""
+    import contextlib
+    if image_index is None:
+        return contextlib.nullcontext()
+    first = {}
+    for row, i in enumerate(image_index.tolist()):
+        first.setdefault(i, row)
+    distinct_grid = image_grid_thw[[first[i] for i in range(len(first))]]
+    vision_features = inner.get_image_features
+
+    def features(pixel_values, image_grid_thw=None, **kwargs):
+        out = vision_features(pixel_values, distinct_grid, **kwargs)
+        out.pooler_output = tuple(out.pooler_output[i] for i in image_index.tolist())
+        return out
+
+    @contextlib.contextmanager
+    def scope():
+        inner.get_image_features = features
+        try:
+            yield
+        finally:
+            del inner.get_image_features
+    return scope()
 
 
 def with_blank_image(batch, config):
@@ -209,11 +244,19 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
             [logps[i * n:(i + 1) * n] for i in range(len(prompts))])
 
 
-def rollout(sampler, generate, cfg, eos_ids, pad_id):
-    """This rank's prompts and G completions for each, cut at the first EOS and at max_completion_length."""
+def rollout(sampler, generate, cfg, eos_ids, pad_id, background=False):
+    """This rank's prompts and G completions for each, cut at the first EOS and at max_completion_length:
+    (rows, prompts, completions, ended, sampler log-probs). background=True (vLLM only): returns at once a
+    function that waits for them, while the engine generates."""
     rows_prompts = sampler.next(cfg.prompts_per_step)
     rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
-    samples, sample_logps = generate(prompts, cfg.num_generations)
+    if background:
+        result = generate(prompts, cfg.num_generations, background=True)
+        return lambda: cut_rollout(rows, prompts, *result(), cfg, eos_ids, pad_id)
+    return cut_rollout(rows, prompts, *generate(prompts, cfg.num_generations), cfg, eos_ids, pad_id)
+
+
+def cut_rollout(rows, prompts, samples, sample_logps, cfg, eos_ids, pad_id):
     completions, ended, sampler_logps = [], [], []
     for i, group in enumerate(samples):
         for j, toks in enumerate(group):
@@ -239,22 +282,24 @@ def score(rows, texts, reward_funcs, weights, cfg):
 
 
 def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages, sampler_logps,
-                  pad_id):
+                  pad_id, tis_cap=None):
     """mu optimizer steps on this rollout batch, each one accumulated over micro-batches of micro_batch_size
     sequences. `model`/`ref_model` are LogProbModels (DeepSpeed engines under ZeRO-3): every forward is a call of
-    them. Returns sums over this rank's tokens (tokens, clipped, kl, loss, sampler_diff)."""
+    them. `tis_cap`: truncated importance sampling against the sampler's log-probs (None: off). Returns sums over
+    this rank's tokens (tokens, clipped, kl, loss, sampler_diff, tis_capped)."""
     G = cfg.num_generations
     flat_prompts = [p for p in prompts for _ in range(G)]
     micro = [list(range(i, min(i + cfg.micro_batch_size, len(completions))))
              for i in range(0, len(completions), cfg.micro_batch_size)]
-    batches = [collate([flat_prompts[i] for i in idx], [completions[i] for i in idx], pad_id) for idx in micro]
+    batches = [collate([flat_prompts[i] for i in idx], [completions[i] for i in idx], pad_id, share_images=True)
+               for idx in micro]
     batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
     n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for c in completions)),
                                                device=accelerator.device), "mean").item()
     with torch.no_grad():  # the sampling policy (frozen before the first update of this batch) and the reference
         old_logps = [model(b) if cfg.mu > 1 else None for b in batches]
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
-    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff"), 0.0)
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
     sums["seq_tokens"] = float(sum(b["attention_mask"].sum().item() for b in batches)) * cfg.mu  # prompts too
     clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
     model.train()
@@ -263,10 +308,16 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
             with accelerator.accumulate(model):
                 logp = model(b)
                 old = old_logps[j] if old_logps[j] is not None else logp.detach()
+                sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
+                weight = None
+                if tis_cap:  # p_old / p_sampler per token, capped (padding: 1)
+                    weight = torch.exp(torch.where(b["completion_mask"] > 0, old - sampled, 0.0)).clamp(max=tis_cap)
+                    if it == 0:
+                        sums["tis_capped"] += ((weight >= tis_cap).float() * b["completion_mask"]).sum().item()
                 loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device),
                                      b["completion_mask"], cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
                                      cfg.loss_type, cfg.max_completion_length,
-                                     num_sequences=len(completions), num_tokens=n_tokens)
+                                     num_sequences=len(completions), num_tokens=n_tokens, is_weight=weight)
                 # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
                 accelerator.backward(loss * len(micro))
                 if clip_here and accelerator.sync_gradients:
@@ -277,7 +328,6 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
             for k in ("tokens", "clipped", "kl"):
                 sums[k] += st[k].item() / cfg.mu
             if it == 0:  # the trainer's and the sampler's view of the same tokens
-                sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
                 sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum().item()
     return sums
 
@@ -306,12 +356,16 @@ class Stopped(Exception):
 
 
 def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, accelerator, optimizer,
-          eval_prompts=(), sync_weights=None, eval_source="", history=None):
+          eval_prompts=(), sync_weights=None, eval_source="", history=None, overlap=False, tis_cap=None,
+          pending=None):
     """Runs GRPO steps up to cfg.steps: rollout, score, update, weight copy. `model`/`ref_model` are LogProbModels
     from accelerator.prepare; `reward_funcs` {name: fn}; `generate` a rollout function as above; `eval_prompts`
     (row, prompt) pairs never trained on (`eval_source` says where from); `sync_weights()` (optional) copies the
-    new policy into the rollout engine; `history` the metrics of the steps done before (a resumed run). After a
-    stop signal (STOP) it finishes the step, writes a checkpoint and raises Stopped."""
+    new policy into the rollout engine; `history` the metrics of the steps done before (a resumed run).
+    overlap: one-step-off, the engine generates step t+1's rollout while step t trains (it samples from the
+    weights before step t's update); `pending` is such a rollout saved in the checkpoint a resumed run starts
+    from. `tis_cap`: truncated importance sampling (update_policy). After a stop signal (STOP) it finishes the
+    step, writes a checkpoint and raises Stopped."""
     tok = processor.tokenizer
     eos_ids = set(model_eos_ids(accelerator.unwrap_model(model).model, tok))
     G = cfg.num_generations
@@ -326,14 +380,20 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                dynamic_ncols=True, initial=first - 1, total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        rows, prompts, completions, ended, sampler_logps = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
+        batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
+        rows, prompts, completions, ended, sampler_logps = batch
+        # one step off: the engine samples the next step's batch with the weights it holds (before this update)
+        next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True) \
+            if overlap and step < cfg.steps else None
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)
         t_rew = time.time()
         sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
-                             sampler_logps, tok.pad_token_id)
+                             sampler_logps, tok.pad_token_id, tis_cap)
         t_train = time.time()
+        pending = next_batch and next_batch()  # the engine must be done before the weight copy (and a checkpoint)
+        t_wait = time.time()
         # a rank was asked to stop (SIGINT/SIGTERM): all stop after this step, together, without the weight copy
         # (the engine got the signal too and may be going; no rollout follows)
         stop = accelerator.reduce(torch.tensor([float(bool(STOP))], device=accelerator.device), "sum").item() > 0 \
@@ -348,7 +408,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
         tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff",
-                                                                 "seq_tokens")],
+                                                                 "seq_tokens", "tis_capped")],
                                               device=accelerator.device), "sum").cpu().tolist()
         n_tok = max(tot[0], 1)
         m = {"step": step, "loss": tot[3] / accelerator.num_processes,
@@ -356,17 +416,21 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
              **{k: v.nanmean().item() for k, v in g.items() if k.startswith("reward/")},
              "kl": tot[2] / n_tok, "clip_frac": tot[1] / n_tok,
              "completion_len_mean": g["length"].mean().item(), "completion_len_max": g["length"].max().item(),
-             "truncated_frac": g["truncated"].mean().item(),
+             "truncated_frac": g["truncated"].mean().item(), "completions": len(g["length"]),
              "tokens_per_s": g["length"].sum().item() / (t_end - t0), "step_s": t_end - t0,
-             "generate_s": t_gen - t0, "reward_s": t_rew - t_gen, "train_s": t_train - t_rew, "sync_s": t_end - t_train,
+             # generate_s: the time the loop waited for rollouts (overlapped: what the update did not hide)
+             "generate_s": t_gen - t0 + t_wait - t_train, "reward_s": t_rew - t_gen, "train_s": t_train - t_rew,
+             "sync_s": t_end - t_wait,
              "skipped_rows": sum(sampler.skipped.values()),
              # mean |log p_sampler - log p_trainer| per sampled token: ~0 when both score the same distribution
              "sampler_logp_diff": tot[4] / n_tok}
+        if tis_cap:
+            m["tis_capped_frac"] = tot[6] / n_tok  # tokens whose importance weight hit the cap
         if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
             tqdm.write(f"warning: step {step}: the sampler and the trainer disagree by {m['sampler_logp_diff']:.3f} "
                        "nats/token on the sampled tokens (bf16 noise is ~0.02; temperature, top_p and the suppressed "
-                       "tokens are scored as sampled): the rollout engine is sampling from other weights - check "
-                       "that the weight copy is complete")
+                       "tokens are scored as sampled; with --overlap add one update's change): the rollout engine "
+                       "is sampling from other weights - check that the weight copy is complete")
         if torch.cuda.is_available():
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30  # this process (rank 0 on the console)
             peak = peak_bf16_flops()
@@ -395,7 +459,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                             kl=f"{m['kl']:.4f}", len=f"{m['completion_len_mean']:.0f}", s=f"{m['step_s']:.1f}")
         accelerator.log(m, step=step)
         if stop or (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps)):
-            save_checkpoint(model, processor, accelerator, sampler, history, cfg)
+            save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending)
         if stop:
             import signal
             raise Stopped(history, STOP[0] if STOP else signal.SIGTERM)
@@ -456,10 +520,11 @@ def save_model(model, processor, accelerator, path):
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(model, processor, accelerator, sampler, history, cfg):
+def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending=None):
     """output_dir/checkpoint-{step}/: the Hugging Face model (loadable by transformers and vLLM) and what a resumed
     run needs: state/ (accelerate's save_state: DeepSpeed's model and optimizer shards, or torch's; every rank's
-    RNG states), each rank's data position (state/sampler_{rank}.pkl) and trainer_state.json (step, config, process
+    RNG states), each rank's data position (state/sampler_{rank}.pkl) and, with --overlap, the next step's
+    rollout already generated (state/pending_{rank}.pkl), and trainer_state.json (step, config, process
     count, the metrics so far). Written as checkpoint-{step}.tmp and renamed once every rank is done: a half-written
     checkpoint is never resumed from. Keeps the last cfg.save_total_limit (0: all)."""
     step = history[-1]["step"]
@@ -474,6 +539,9 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg):
     os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
     with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
         pickle.dump(sampler.state_dict(), f)
+    if pending is not None:
+        with open(os.path.join(tmp, "state", f"pending_{accelerator.process_index}.pkl"), "wb") as f:
+            pickle.dump(pending, f)
     accelerator.wait_for_everyone()
     if writer:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
@@ -498,11 +566,15 @@ def checkpoints(out_dir):
 
 def load_checkpoint(path, accelerator, sampler):
     """Restores what save_checkpoint wrote into the prepared model, optimizer, RNGs and sampler; returns the
-    metrics of the steps done."""
+    metrics of the steps done and the pending rollout (None if none was saved)."""
     accelerator.load_state(os.path.join(path, "state"))
     with open(os.path.join(path, "state", f"sampler_{accelerator.process_index}.pkl"), "rb") as f:
         sampler.load_state_dict(pickle.load(f))
-    return saved_state(path)["history"]
+    pending = None
+    if os.path.exists(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl")):
+        with open(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl"), "rb") as f:
+            pending = pickle.load(f)
+    return saved_state(path)["history"], pending
 
 
 def saved_state(path):

@@ -384,10 +384,12 @@ class PromptSampler:
         self.order, self.skipped = list(state["order"]), Counter(state["skipped"])
 
 
-def collate(prompts, completions, pad_id):
+def collate(prompts, completions, pad_id, share_images=False):
     """One training batch from prompts (dicts from build_prompt) and completion token lists, aligned so that
     every completion starts at the same column: prompts padded on the left to P, completions on the right to C.
-    Images stay with their own prompt: pixel rows are concatenated in sample order."""
+    Images stay with their own prompt: pixel rows are concatenated in sample order. share_images: rows of the
+    same prompt (object) share one copy of its pixels; `image_index` says which copy each image row reads (the
+    loss's forward runs the vision tower once per distinct image: trainer.completion_logprobs)."""
     P = max(p["input_ids"].shape[1] for p in prompts)
     C = max(len(c) for c in completions)
     B = len(prompts)
@@ -409,8 +411,12 @@ def collate(prompts, completions, pad_id):
         batch["mm_token_type_ids"] = mm
     with_image = [p for p in prompts if p.get("pixel_values") is not None]
     if with_image:
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in with_image])
         batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_image])
+        distinct = list({id(p): p for p in with_image}.values()) if share_images else with_image
+        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in distinct])
+        if share_images:
+            index = {id(p): i for i, p in enumerate(distinct)}
+            batch["image_index"] = torch.tensor([index[id(p)] for p in with_image])
     return batch
 
 

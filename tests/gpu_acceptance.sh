@@ -1,35 +1,56 @@
 #!/usr/bin/env bash
-# The GPU runs behind the README's measured numbers, as made on the device machines (H100, H200, 2x H200):
-#   bash tests/gpu_acceptance.sh tests    OUT   # GPU tests: vLLM parity on GPU 0, colocate training test on GPU 1 (or 0)
-#   bash tests/gpu_acceptance.sh two_gpu  OUT   # Qwen2-VL-2B shape: 1 ZeRO-3 rank on GPU 0 + vLLM on GPU 1, 20 steps
-#   bash tests/gpu_acceptance.sh colocate OUT   # the same model and run, training and vLLM sharing GPU 0
-#   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ZeRO-3 ranks + vLLM, every other row text-only, 5 steps
-# Each leaves its log, metrics.jsonl and nvidia-smi samples in OUT and prints the step split and per-GPU peaks.
+# The GPU runs behind the README's measured numbers, as made on the device machines (H100/H200, 1 to 4 GPUs):
+#   bash tests/gpu_acceptance.sh tests    OUT   # GPU tests: vLLM parity (colocated: CUDA IPC; own GPU: NCCL), colocate training
+#   bash tests/gpu_acceptance.sh two_gpu  OUT   # Qwen2-VL-2B shape: 1 training rank on GPU 0 + vLLM on GPU 1, 20 steps
+#   bash tests/gpu_acceptance.sh colocate OUT   # the same run, training and vLLM sharing GPU 0
+#   bash tests/gpu_acceptance.sh ranks2   OUT   # the same run on 3 GPUs: 2 training ranks + vLLM
+#   bash tests/gpu_acceptance.sh ranks3   OUT   # the same run on 4 GPUs: 3 training ranks + vLLM
+#   bash tests/gpu_acceptance.sh 7b       OUT   # Qwen2.5-VL-7B shape on 4 GPUs (3 ranks + vLLM), 10 steps
+#   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ranks + vLLM, every other row text-only, 5 steps
+#   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs: the three side-by-side ratios
+# GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine). Each leaves its log,
+# metrics.jsonl and nvidia-smi samples in OUT and prints the step split, completions/s and per-GPU peaks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=$1; out=${2:-/tmp/gpu_acceptance}; mkdir -p "$out"
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
 assets=../shared/assets; [ -d "$assets" ] || assets=.assets
+declare -A default_gpus=([tests]=0,1,2 [two_gpu]=0,1 [colocate]=0 [ranks2]=0,1,2 [ranks3]=0,1,2,3 [7b]=0,1,2,3
+                         [mixed]=0,1,2,3 [bench]=0,1)
+[ -n "${default_gpus[$what]+x}" ] || { echo "usage: $0 tests|two_gpu|colocate|ranks2|ranks3|7b|mixed|bench OUT"; exit 2; }
+gpus=${GPUS:-${default_gpus[$what]}}
+first=${gpus%%,*}
 model=/tmp/qwen2-vl-2b-random
-[ "$what" = tests ] || [ -d $model ] || CUDA_VISIBLE_DEVICES=0 $py tests/make_random_model.py "$assets/Qwen2-VL-2B-Instruct" $model
+[ "$what" = 7b ] && model=/tmp/qwen2.5-vl-7b-random
+if [ "$what" != tests ] && [ ! -f $model/config.json ]; then
+  src=$assets/Qwen2-VL-2B-Instruct; [ "$what" = 7b ] && src=$assets/Qwen2.5-VL-7B-Instruct
+  CUDA_VISIBLE_DEVICES=$first $py tests/make_random_model.py $src $model.tmp && mv $model.tmp $model
+fi
 
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/smi_$what.csv" &
 smi=$!
 args=(--model $model --steps 20 --num_generations 8 --prompts_per_step 4 --max_completion_length 512
-      --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_$what)
+      --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_$what --overwrite true)
+port=$((29500 + ${first} * 10))  # layouts side by side need a rendezvous port each
+export MASTER_PORT=$port
 case $what in
-  tests)  # test_vllm.py on GPUs 0,1 (colocated, and vLLM on its own GPU over NCCL), test_gpu.py on GPU 2 (or 0)
-    n=$(nvidia-smi -L | grep -c GPU); second=0; [ "$n" -ge 3 ] && second=2
-    CUDA_VISIBLE_DEVICES=0,1 $py -m pytest -q -rs tests/test_vllm.py > "$out/test_vllm.log" 2>&1 &
+  tests)  # test_vllm.py on the first two GPUs (colocated, and vLLM on its own GPU), test_gpu.py on the third
+    IFS=, read -r g0 g1 g2 <<< "$gpus"
+    CUDA_VISIBLE_DEVICES=$g0,$g1 $py -m pytest -q -rs tests/test_vllm.py > "$out/test_vllm.log" 2>&1 &
     vllm_tests=$!
-    [ $second = 0 ] && { wait $vllm_tests; rc=$?; } 
-    CUDA_VISIBLE_DEVICES=$second $py -m pytest -q -rs tests/test_gpu.py > "$out/test_gpu.log" 2>&1
+    CUDA_VISIBLE_DEVICES=${g2:-$g0} $py -m pytest -q -rs tests/test_gpu.py > "$out/test_gpu.log" 2>&1
     rc2=$?
-    [ $second = 2 ] && { wait $vllm_tests; rc=$?; }
-    rc=$((rc | rc2))
+    wait $vllm_tests; rc=$((rc2 | $?))
     tail -n 5 "$out"/test_*.log ;;
-  two_gpu)  CUDA_VISIBLE_DEVICES=0,1 bash train.sh "${args[@]}" > "$out/two_gpu.log" 2>&1; rc=$? ;;
-  colocate) CUDA_VISIBLE_DEVICES=0 bash train.sh "${args[@]}" > "$out/colocate.log" 2>&1; rc=$? ;;
+  two_gpu|colocate|ranks2|ranks3)
+    CUDA_VISIBLE_DEVICES=$gpus bash train.sh "${args[@]}" > "$out/$what.log" 2>&1; rc=$? ;;
+  7b)
+    CUDA_VISIBLE_DEVICES=$gpus bash train.sh "${args[@]}" --steps 10 > "$out/$what.log" 2>&1; rc=$? ;;
+  bench)
+    CUDA_VISIBLE_DEVICES=$gpus $py -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \
+      --main_process_port $port tests/bench_step.py --model $model --trainable all --max_completion_length 512 \
+      > "$out/bench.log" 2>&1; rc=$?
+    grep -h "BENCH\|ratio" "$out/bench.log" ;;
   mixed)  # rank r gets rows r, r+3, ...: with every other row text-only, ranks differ in having an image
     $py -c "
 import json, os, sys
@@ -43,27 +64,32 @@ with open('/tmp/mixed/data.jsonl', 'w') as f:
             image = f'/tmp/mixed/{i}.png'
             r['image'].save(image)
         f.write(json.dumps({'problem': r['problem'], 'solution': r['solution'], 'image': image}) + chr(10))"
-    CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 420 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
+    CUDA_VISIBLE_DEVICES=$gpus timeout 420 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
       --max_completion_length 256 --micro_batch_size 4 > "$out/mixed.log" 2>&1; rc=$? ;;
-  *) echo "usage: $0 tests|two_gpu|colocate|mixed OUT"; exit 2 ;;
 esac
 kill $smi 2>/dev/null
-[ "$what" = tests ] && exit $rc
+case $what in tests|bench) exit $rc ;; esac
 tail -n 3 "$out/$what.log"
 cp /tmp/run_$what/metrics.jsonl "$out/metrics_$what.jsonl" 2>/dev/null
-$py - "$out/metrics_$what.jsonl" "$out/smi_$what.csv" <<'EOF'
+grep -m1 "^grpo-vl:" "$out/$what.log"
+$py - "$out/metrics_$what.jsonl" "$out/smi_$what.csv" "$gpus" <<'EOF'
 import json, sys
 ms = [json.loads(l) for l in open(sys.argv[1])]
-keys = ["step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "sampler_logp_diff", "peak_mem_gb"]
+keys = ["step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "sampler_logp_diff",
+        "peak_mem_gb"]
 print("step " + " ".join(f"{k:>17}" for k in keys))
 for m in ms:
     print(f"{m['step']:>4} " + " ".join(f"{m.get(k, float('nan')):>17.4g}" for k in keys))
 later = ms[1:] or ms  # step 1 includes vLLM's first-batch warm-up
-print("mean of steps 2.. " + " ".join(f"{k}={sum(m[k] for m in later) / len(later):.3g}" for k in keys[:6]))
-peak = {}
+mean = {k: sum(m.get(k, 0) for m in later) / len(later) for k in keys}
+completions_per_s = sum(m["completions"] for m in later) / sum(m["step_s"] for m in later)
+print("mean of steps 2.. " + " ".join(f"{k}={mean[k]:.3g}" for k in keys[:7])
+      + f" sampler_logp_diff_max={max(m['sampler_logp_diff'] for m in ms):.3g}"
+      + f" completions_per_s={completions_per_s:.2f} ({later[0]['completions']} a step)")
+peak, mine = {}, set(sys.argv[3].split(","))
 for line in open(sys.argv[2]):
     i, mib = [s.strip() for s in line.split(",")][:2]
-    if mib.isdigit():
+    if mib.isdigit() and i in mine:
         peak[i] = max(peak.get(i, 0), int(mib))
 print("nvidia-smi peak memory used per GPU (GiB): " + ", ".join(f"GPU {i}: {v / 1024:.1f}" for i, v in sorted(peak.items())))
 EOF

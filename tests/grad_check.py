@@ -21,21 +21,26 @@ def sgd(params, cfg):
 
 
 def recording_rollout(cfg, *args, **kwargs):
-    generate, sync, llm = make_rollout(cfg, *args, **kwargs)
+    generate, sync, llm, overlap = make_rollout(cfg, *args, **kwargs)
     calls = [0]
 
-    def cut_and_record(prompts, n):
-        samples, logps = generate(prompts, n)
+    def cut_and_record(prompts, n, background=False):
+        if background:  # --overlap: the engine works while the trainer does; record when the result is taken
+            result = generate(prompts, n, background=True)
+            return lambda: cut_and_record_result(prompts, n, *result())
+        return cut_and_record_result(prompts, n, *generate(prompts, n))
+
+    def cut_and_record_result(prompts, n, samples, logps):
         keep = [[max(1, len(s) - (i * n + j) % 4) for j, s in enumerate(group)] for i, group in enumerate(samples)]
         samples = [[s[:k] for s, k in zip(group, ks)] for group, ks in zip(samples, keep)]
         if logps is not None:
             logps = [[lp[:k] for lp, k in zip(group, ks)] for group, ks in zip(logps, keep)]
         calls[0] += 1
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        torch.save({"prompts": prompts, "samples": samples},
+        torch.save({"prompts": prompts, "samples": samples, "logps": logps},
                    os.path.join(cfg.output_dir, f"rollout-step{calls[0]}-rank{rank}.pt"))
         return samples, logps
-    return cut_and_record, sync, llm
+    return cut_and_record, sync, llm, overlap
 
 
 make_rollout = main.make_rollout

@@ -33,8 +33,10 @@ def naive_logps(model, prompt, completion, temperature, suppressed):
     return logits.log_softmax(-1).gather(-1, ids[0, P:, None])[:, 0]
 
 
-def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=0.2, max_grad_norm=0.0, lr=LR):
-    """The weights after `step` done by hand, starting from the checkpoint before it."""
+def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=0.2, max_grad_norm=0.0, lr=LR,
+               tis_cap=None):
+    """The weights after `step` done by hand, starting from the checkpoint before it. tis_cap: each token's
+    policy-gradient term weighs min(p_old / p_sampler, tis_cap), p_sampler from the rollout engine's log-probs."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import run_with_reward
     from utils import cut_at_eos, vision_token_ids
@@ -45,11 +47,13 @@ def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=
     eos = set(model.generation_config.eos_token_id) | {tok.eos_token_id}
     suppressed = vision_token_ids(model.config, tok)
     ranks = sorted(f for f in os.listdir(out) if f.startswith(f"rollout-step{step}-"))
-    seqs = []  # (prompt, completion ids) of every rank, in rank order
+    seqs, sampler = [], []  # (prompt, completion ids) of every rank, in rank order; the engine's log-probs
     for f in ranks:
         r = torch.load(os.path.join(out, f), weights_only=False)
-        for p, group in zip(r["prompts"], r["samples"]):
+        for i, (p, group) in enumerate(zip(r["prompts"], r["samples"])):
             seqs += [(p, cut_at_eos(s, eos, tok.pad_token_id)[0][:max_len]) for s in group]
+            sampler += [torch.tensor(lp[:len(seqs[-len(group) + j][1])], dtype=torch.float64)
+                        for j, lp in enumerate(r["logps"][i])] if r.get("logps") else []
     texts = tok.batch_decode([c for _, c in seqs], skip_special_tokens=True)
     adv = naive_advantages(run_with_reward.uppercase_reward(texts), G, True)
     n_seq, n_tok = len(seqs), sum(len(c) for _, c in seqs)
@@ -63,6 +67,8 @@ def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=
             logp = naive_logps(model, p, c, temperature, suppressed)
             ratio = torch.exp(logp - old[i])
             per_tok = -torch.minimum(ratio * adv[i], ratio.clamp(1 - eps, 1 + eps) * adv[i])
+            if tis_cap:
+                per_tok = per_tok * torch.exp(old[i] - sampler[i]).clamp(max=tis_cap)
             if beta:
                 d = refs[i] - logp
                 per_tok = per_tok + beta * (torch.exp(d) - d - 1)
@@ -84,11 +90,12 @@ def weights(path):
 
 
 def assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, max_len, G, n_expected, step=2,
-                                             max_grad_norm=0.0, lr=LR):
+                                             max_grad_norm=0.0, lr=LR, tis_cap=None):
     before = weights(os.path.join(out, f"checkpoint-{step - 1}"))
     after = weights(os.path.join(out, "final") if not os.path.isdir(os.path.join(out, f"checkpoint-{step}"))
                     else os.path.join(out, f"checkpoint-{step}"))
-    naive, n_seq = naive_step(out, step, loss_type, mu, beta, max_len, G, max_grad_norm=max_grad_norm, lr=lr)
+    naive, n_seq = naive_step(out, step, loss_type, mu, beta, max_len, G, max_grad_norm=max_grad_norm, lr=lr,
+                              tis_cap=tis_cap)
     assert n_seq == n_expected
     got = torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)]).double()
     want = torch.cat([(naive[k].detach() - before[k]).flatten() for k in sorted(before)]).double()
@@ -180,3 +187,22 @@ def test_zero2_step_equals_the_naive_full_batch_gradient(tmp_path):
     out = str(tmp_path / "z2")
     grad_check(out, 2, "dapo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2"])
     assert_update_is_the_full_batch_gradient(out, "dapo", 2, 0.1, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+def test_overlapped_step_with_importance_sampling_is_the_full_batch_gradient(tmp_path):
+    """--overlap true (vLLM's CPU engine): step 2 trains on completions the engine sampled from the weights before
+    step 1's update, while step 1 trained; each token's policy-gradient term weighs min(p_old / p_sampler, 2)
+    (truncated importance sampling, on by default with the overlap). SGD at lr 1 moves the policy far between
+    the two (0.29 nats/token apart), so the weights are far from 1: the step equals the naive full-batch gradient
+    with them, and not without them."""
+    pytest.importorskip("vllm")
+    out = str(tmp_path / "overlap")
+    grad_check(out, 2, "grpo", 1, 0.04, ["--rollout", "vllm", "--overlap", "true"], steps=3)
+    import json
+    ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in ms] == [1, 2, 3], ms
+    assert ms[0]["sampler_logp_diff"] < 1e-4 < ms[1]["sampler_logp_diff"], "step 2's batch is one update old"
+    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, tis_cap=2.0)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)

@@ -19,7 +19,7 @@ def naive_advantages(rewards, G, scale_std, eps=1e-4):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L):
+def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L, is_weight=None):
     B, C = logp.shape
     seq_means, token_sum, n_tokens = [], 0.0, 0
     for i in range(B):
@@ -30,6 +30,8 @@ def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L):
             ratio = torch.exp(logp[i, t] - old[i, t])
             objective = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - el, 1 + eh) * adv[i])
             term = -objective
+            if is_weight is not None:  # truncated importance sampling: the policy-gradient term only
+                term = term * is_weight[i, t]
             if beta > 0:
                 d = ref[i, t] - logp[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
@@ -149,6 +151,29 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     loss, st = grpo_loss(logp, logp, logp + torch.tensor([[0.3, -0.4, 1.0]]), zero_adv, mask, beta=1.0,
                          loss_type="dapo")
     assert loss.item() > 0 and st["kl"].item() > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_importance_weights_scale_the_policy_gradient_term_only(loss_type):
+    """is_weight (truncated importance sampling) multiplies each token's clipped policy-gradient term, not the KL
+    term: loss and gradient equal the naive per-token loop, and differ from the unweighted loss."""
+    g, logp0, mask = random_batch(seed=7)
+    B, C = logp0.shape
+    old = logp0 + 0.3 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    sampler = logp0 + 0.5 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    ref = logp0 + 0.2 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    weight = torch.exp(old - sampler).clamp(max=2.0)
+    assert (weight == 2.0).any() and (weight < 0.9).any()
+    a, b = logp0.clone().requires_grad_(True), logp0.clone().requires_grad_(True)
+    ours, _ = grpo_loss(a, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12, is_weight=weight)
+    want = naive_loss(b, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12, is_weight=weight)
+    ours.backward()
+    want.backward()
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    plain, _ = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12)
+    assert abs(plain.item() - ours.item()) > 1e-3
 
 
 def test_unknown_loss_type_is_named():
@@ -274,3 +299,41 @@ def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batc
     err = ((ours.double() - want) * mask).abs().max().item()
     assert err < 1e-5, err
     assert ((bf16_head.double() - want) * mask).abs().max().item() > 1e-4, "bf16 logits are coarse: the test sees it"
+
+
+def test_shared_images_give_the_same_logprobs_and_gradients(tiny_qwen2_vl):
+    """collate(share_images=True): the G rows of a prompt read one run of the vision tower. Log-probs and every
+    gradient (the vision tower's included) equal the model's own forward with each row's image, and the tower
+    runs once per distinct image."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from utils import build_prompt, collate, make_counting_dataset
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.float64)
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    rows = make_counting_dataset(3, seed=2)
+    rows[1]["image"] = None
+    cfg = Config(model="tiny")
+    prompts = [build_prompt(processor, r, cfg) for r in rows]
+    flat = [p for p in prompts for _ in range(3)]  # G = 3 rows per prompt, one prompt text-only
+    g = torch.Generator().manual_seed(1)
+    completions = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (4, 6, 2, 5, 3, 6, 1, 4, 6)]
+    pad = processor.tokenizer.pad_token_id
+    shared, each = collate(flat, completions, pad, share_images=True), collate(flat, completions, pad)
+    assert shared["pixel_values"].shape[0] * 3 == each["pixel_values"].shape[0]
+    assert shared["image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    mask = each["completion_mask"]
+    results = []
+    for batch, fn in ((shared, completion_logprobs), (each, naive_logprobs)):
+        model.zero_grad()
+        logp = fn(model, batch, 1.0, ()) if fn is naive_logprobs else fn(model, batch)
+        (logp * mask * torch.arange(1, 10, dtype=torch.float64)[:, None]).sum().backward()  # rows weigh differently
+        results.append((logp * mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    assert calls == [shared["pixel_values"].shape[0], each["pixel_values"].shape[0]], calls
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-9)
+    assert any(".visual." in f".{n}" for n in results[0][1])
+    assert results[0][1].keys() == results[1][1].keys()
+    for n in results[1][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-7, atol=1e-9, msg=n)

@@ -73,32 +73,35 @@ def same_run(a, b):
 
 
 UNINTERRUPTED = {}
+ROLLOUTS = {"hf": ["--rollout", "hf"], "vllm": ["--rollout", "vllm"],
+            # one step ahead: a checkpoint holds the next step's batch, generated before the step's update
+            "vllm_overlap": ["--rollout", "vllm", "--overlap", "true"]}
 
 
 def uninterrupted(tmp_path_factory, rollout):
     """One uninterrupted run per rollout backend (shared by the tests below)."""
     if rollout not in UNINTERRUPTED:
         out = str(tmp_path_factory.mktemp(f"whole_{rollout}") / "run")
-        run([*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out, "--save_total_limit", "2"])
+        run([*LAUNCH, *RUN, *ROLLOUTS[rollout], "--output_dir", out, "--save_total_limit", "2"])
         UNINTERRUPTED[rollout] = out
     return UNINTERRUPTED[rollout]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+@pytest.mark.parametrize("rollout", list(ROLLOUTS))
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, tmp_path_factory, rollout):
     """kill -9 of the whole process tree at a random moment after the first checkpoint, then the same command with
     --resume auto: the same final weights (1e-6) and the same metrics at every step as a run never stopped.
     Without the optimizer/RNG/sampler state in checkpoints (or with vLLM sampling from its own generator) the
     resumed steps differ."""
-    if rollout == "vllm":
+    if rollout != "hf":
         pytest.importorskip("vllm")
     whole = uninterrupted(tmp_path_factory, rollout)
     ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(whole, "checkpoint-*")))
     assert ckpts == ["checkpoint-4", "checkpoint-6"], ckpts  # --save_total_limit 2 kept the last two
 
     out = str(tmp_path / "run")
-    args = [*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out]
+    args = [*LAUNCH, *RUN, *ROLLOUTS[rollout], "--output_dir", out]
     with open(tmp_path / "killed.log", "w") as log:
         proc = start(args, log)
         wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint-2", "trainer_state.json")), 600, proc,
@@ -118,17 +121,17 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+@pytest.mark.parametrize("rollout", list(ROLLOUTS))
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_path_factory, rollout):
     """SIGINT to the launcher (a terminal's Ctrl-C): the step in progress finishes, a resumable checkpoint, the
     curves and metrics are written, the run exits non-zero saying how to continue; continuing ends where the
     uninterrupted run does. With vLLM: torchrun signals rank 0's whole process group, the engine included, which
     must live on to finish the step."""
-    if rollout == "vllm":
+    if rollout != "hf":
         pytest.importorskip("vllm")
     whole = uninterrupted(tmp_path_factory, rollout)
     out = str(tmp_path / "run")
-    args = [*LAUNCH, *RUN, "--rollout", rollout, "--output_dir", out, "--save_steps", "0"]
+    args = [*LAUNCH, *RUN, *ROLLOUTS[rollout], "--output_dir", out, "--save_steps", "0"]
     with open(tmp_path / "stopped.log", "w") as log:
         proc = start(args, log)
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")

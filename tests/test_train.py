@@ -27,14 +27,16 @@ def state_dict(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", ["hf", "vllm"])
+@pytest.mark.parametrize("rollout", ["hf", "vllm", "vllm_overlap"])
 def test_learns_a_toy_task(tmp_path, rollout):
-    """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps.
+    """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps, also
+    one step off (--overlap: each batch sampled before the previous update, importance-weighted).
     Flipping the sign of the loss (or of the advantages) makes the reward fall instead, and this test fail."""
-    if rollout == "vllm":
+    if rollout != "hf":
         pytest.importorskip("vllm")
     out = str(tmp_path / "toy")
-    run([PY, "tests/run_with_reward.py", "--model", "tiny", "--rollout", rollout, "--output_dir", out,
+    flags = ["--rollout", "vllm", "--overlap", "true"] if rollout == "vllm_overlap" else ["--rollout", rollout]
+    run([PY, "tests/run_with_reward.py", "--model", "tiny", *flags, "--output_dir", out,
          "--rewards", "uppercase",
          "--steps", "40", "--prompts_per_step", "4", "--num_generations", "8", "--micro_batch_size", "16",
          "--max_completion_length", "8", "--learning_rate", "3e-3", "--beta", "0", "--save_steps", "0",

