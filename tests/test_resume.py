@@ -149,6 +149,34 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_
 
 
 @pytest.mark.slow
+def test_a_schedulers_term_to_every_process_checkpoints_and_resumes(tmp_path):
+    """SIGTERM to every process of the run at once (Slurm's scancel; the ranks get torchrun's too), vLLM one step
+    ahead: the engine dies mid-rollout. The ranks notice its death (vLLM's client waited forever), take the
+    duplicate signal as one, checkpoint the step as if that rollout had not begun, exit saying how to resume, and
+    the resumed run goes to the end. Before: rank 0 hung until torchrun killed it, no checkpoint."""
+    pytest.importorskip("vllm")
+    out = str(tmp_path / "run")
+    args = [*LAUNCH, *RUN, *ROLLOUTS["vllm_overlap"], "--output_dir", out, "--save_steps", "0"]
+    with open(tmp_path / "term.log", "w") as log:
+        proc = start(args, log)
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
+        time.sleep(0.5)
+        for p in tree(proc):
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        code = proc.wait(120)
+    text = (tmp_path / "term.log").read_text()
+    assert code != 0 and "--resume auto" in text, text[-3000:]
+    step = max(m["step"] for m in metrics(out))
+    assert step < 6 and os.path.exists(os.path.join(out, f"checkpoint-{step}", "trainer_state.json")), text[-3000:]
+    assert not os.path.exists(os.path.join(out, f"checkpoint-{step}", "state", "pending_0.pkl"))
+    run([*args, "--resume", "auto"])
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+
+
+@pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
     """`kill -9` of the launcher alone: within 10 s every rank and the vLLM engine's processes are gone and the
     weight staging file is removed (before: the ranks trained on, the engine outlived them, the file stayed)."""
@@ -217,6 +245,17 @@ def test_resume_refuses_a_config_that_changes_the_math(tmp_path):
     assert "--model Qwen/Qwen2-VL-2B-Instruct -> tiny" in str(e.value) and "--steps" not in str(e.value)
     with pytest.raises(SystemExit, match="--eval_steps 50 -> 3"):  # evaluation draws from the rollouts' RNG
         main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto", eval_steps=3), True)
+    # a checkpoint from before --overlap existed ran synchronously: continuing it one step off would change the run
+    older = {k: v for k, v in main.dataclasses.asdict(saved).items() if k not in main.BEFORE_THEIR_FLAGS}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "num_processes": 1, "history": [],
+                                                         "config": {**older, "zero_stage": 3}}))
+    with pytest.raises(SystemExit) as e:
+        main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto"), True)
+    assert "--overlap false -> auto" in str(e.value) and "--importance_sampling false -> auto" in str(e.value)
+    assert "--zero_stage 3 -> auto" in str(e.value)
+    same = main.Config(output_dir=str(out), resume="auto", overlap="false", importance_sampling="false",
+                       zero_stage="3")
+    assert main.resolve_output_dir(same, True) == str(ckpt)  # 3 (an int then) and "3" are the same stage
 
 
 def test_overwrite_deletes_only_the_earlier_runs_outputs(tmp_path):
