@@ -357,7 +357,11 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
                                  logit_bias=bias, detokenize=False)  # token ids are all we use
                   for k in range(len(flat_requests))]
 
-        def sample_for_everyone():
+        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+        def sample_for_everyone():  # runs on a thread of its own: give it this process's GPU
+            if device is not None:
+                torch.cuda.set_device(device)
             vllm_wake_up(llm)
             outs = llm.generate(flat_requests, params, use_tqdm=False)
             vllm_sleep(llm)

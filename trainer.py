@@ -43,8 +43,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     """Clipped policy-gradient loss on (B, C) per-token log-probs. `num_sequences`/`num_tokens` are the totals of
     the whole batch when this is one micro-batch of it, so that micro-batch losses add up to the batch loss.
     `is_weight`: (B, C) truncated importance-sampling weights min(p_old / p_sampler, cap) on the policy-gradient
-    term only (the KL term stays unweighted, as in TRL). Returns (loss, stats) with stats as sums over this micro-batch's
-    tokens."""
+    term only (the KL term stays unweighted, as in TRL). Returns (loss, stats) with stats as sums over this
+    micro-batch's tokens."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
@@ -383,8 +383,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
         rows, prompts, completions, ended, sampler_logps = batch
         # one step off: the engine samples the next step's batch with the weights it holds (before this update)
-        next_batch, before_next = None, (sampler.state_dict(), torch.get_rng_state())
+        next_batch = None
         if overlap and step < cfg.steps:
+            before_next = sampler.state_dict(), torch.get_rng_state()  # to undo it if the engine dies meanwhile
             next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True)
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
