@@ -360,8 +360,10 @@ def main(cfg):
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
-        engine = "transformers generate" if sync is None else \
-            f"vLLM on {'CPU' if accelerator.device.type == 'cpu' else 'the last GPU'}"
+        engine = "transformers generate"
+        if llm is not None:
+            engine = "vLLM on " + ("CPU" if accelerator.device.type == "cpu" else "this GPU, asleep while training"
+                                   if llm.llm_engine.vllm_config.model_config.enable_sleep_mode else "the last GPU")
         print(f"grpo-vl: {cfg.model} | {len(rows)} training rows, eval: {eval_source or 'none'} | "
               f"{accelerator.num_processes} training process(es) on {accelerator.device.type}"
               f"{zero} | rollouts: {engine}{', one step ahead' if overlap else ''} | "
