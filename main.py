@@ -330,17 +330,16 @@ def main(cfg):
         debugpy.wait_for_client()
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
         trainer.OUTPUT_ON_EACH_NODE[:] = [True]
+    saved = trainer.saved_state(resume_from) if resume_from else {}
     if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
-        start = accelerator.gather(torch.tensor([trainer.saved_state(resume_from)["step"] if resume_from else 0],
-                                              device=accelerator.device)).tolist()
+        start = accelerator.gather(torch.tensor([saved.get("step", 0)], device=accelerator.device)).tolist()
         if len(set(start)) > 1:
             raise SystemExit(f"the ranks would resume from different steps {start} (a node's disk lacks a "
                              "checkpoint the others have): give every node the same --resume checkpoint")
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    resumed_stage = trainer.saved_state(resume_from).get("zero_stage") if resume_from else None
     policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model,
-                                                                           resumed_stage)
+                                                                           saved.get("zero_stage"))
     ds_plugin = accelerator.state.deepspeed_plugin
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
@@ -436,11 +435,19 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
 
 
+def load_processor(path, cfg):
+    """The model's processor with images resized into [min_pixels, max_pixels] and prompts padded on the left."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
 def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=None):
     """The loaded models made ready to train: DeepSpeed's config from ours, the processor, what trains, gradient
     checkpointing, the optimizer, and accelerate/DeepSpeed wrapping (the reference too). Returns (policy, reference
     or None, optimizer, processor, the token ids never sampled)."""
-    from transformers import AutoProcessor
     n_micro = micro_batches_per_step(cfg)
     ds_plugin = accelerator.state.deepspeed_plugin
     if ds_plugin is not None:  # no dataloader is prepared, so DeepSpeed learns the batch shape from here
@@ -454,9 +461,7 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
             ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
-    processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
-    processor.tokenizer.padding_side = "left"
+    processor = load_processor(path, cfg)
     set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -173,10 +173,7 @@ def main_bench():
         k: getattr(cfg, k) for k in ("model", "prompts_per_step", "num_generations", "max_completion_length",
                                      "micro_batch_size", "zero_stage", "trainable", "beta", "gradient_checkpointing")}}
 
-    from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    processor.tokenizer.padding_side = "left"
+    processor = main.load_processor(path, cfg)
     prompts = [p for _, p in PromptSampler(rows, processor, cfg, seed=cfg.seed).next(cfg.prompts_per_step)]
     pad_id, G = processor.tokenizer.pad_token_id, cfg.num_generations
     from transformers import AutoConfig
