@@ -139,6 +139,18 @@ class VLLMWeightLoader:
         args[6] = self.device.index  # the device index as this process numbers it
         return self.reload_flat(rebuild_cuda_tensor(*args), entries)
 
+    def receive_nccl(self, update_info):
+        """One whole weight copy over NCCL (send_nccl): vLLM's update session with the loads recorded; returns
+        the vLLM parameters set."""
+        self.record_loads(True)
+        try:
+            self.start_weight_update()
+            self.update_weights(update_info)
+            self.finish_weight_update()
+        finally:
+            loaded = self.record_loads(False)
+        return loaded
+
     def reload_flat(self, flat, entries):
         import logging
         weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
@@ -262,17 +274,19 @@ def connect_nccl(llm):
     return group
 
 
-def send_nccl(llm, bucket, dtype=None):
-    """Broadcasts one bucket of (hf_name, full tensor on this GPU) to the engine (packed, vLLM's NCCL weight
-    transfer) while the engine receives it in an RPC on a second thread and loads it with model.load_weights."""
+def send_nccl(llm, weights, meta):
+    """Streams (hf_name, full tensor on this GPU) to the engine in one update: vLLM's packed, double-buffered NCCL
+    broadcast on this side, and on the engine's worker (an RPC on a second thread) its receiver loading each packed
+    chunk with model.load_weights as the next arrives. `meta`: (name, dtype name, shape) of every tensor, in order.
+    Returns the vLLM parameters set. One RPC for the whole copy, not one per bucket: the round trips were most of
+    the copy's time."""
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
-    tensors = [(n, p.detach().to(dtype or p.dtype)) for n, p in bucket]
-    update = dict(names=[n for n, _ in tensors], dtype_names=[str(t.dtype).removeprefix("torch.") for _, t in tensors],
-                  shapes=[list(t.shape) for _, t in tensors], packed=True)
-    received = in_thread(llm.update_weights, {"update_info": update})
-    NCCLWeightTransferEngine.trainer_send_weights(iter(tensors), dict(group=llm.weight_group, packed=True))
+    update = dict(names=[n for n, _, _ in meta], dtype_names=[d for _, d, _ in meta], shapes=[s for _, _, s in meta],
+                  packed=True)
+    received = in_thread(llm.collective_rpc, "receive_nccl", None, (update,), alive=lambda: engine_alive(llm))
+    NCCLWeightTransferEngine.trainer_send_weights(weights, dict(group=llm.weight_group, packed=True))
     torch.cuda.synchronize()
-    received()
+    return set(received()[0])
 
 
 def in_thread(fn, *args, alive=None):
@@ -525,13 +539,43 @@ def remove_stale_staging_files(folder):
             pass
 
 
+def gathered_weights(named_params, bucket_mb, dtype=None):
+    """(name, full tensor) in model order, ZeRO-3 shards gathered a bucket of layers at a time. The gathers are
+    collective: every rank must walk this to its end."""
+    for bucket in weight_buckets(named_params, bucket_mb):
+        with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
+            for n, p in bucket:  # a copy of a gathered tensor: the gather is released when the walk leaves its bucket
+                yield n, p.detach().to(dtype or p.dtype, copy=hasattr(p, "ds_id"))
+
+
 def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
-    """Copies (name, param) into the engine a bounded bucket of layers at a time: ZeRO-3 shards are gathered
-    for one bucket, then rank 0 broadcasts it GPU to GPU (NCCL, when the engine has a GPU of its own: see
-    start_vllm) or writes it into the staging file that the engine maps; the bucket is released. Every rank must
-    call this (the gather is collective); returns the set of vLLM parameter names the engine loaded (rank 0;
-    empty elsewhere). Extra memory: one bucket on each GPU (the gather), and one more on rank 0's GPU (NCCL's
-    packed buffer, or the IPC buffer) or in host memory (file)."""
+    """Copies (name, param) into the engine: GPU to GPU through vLLM's NCCL weight transfer when the engine has a
+    GPU of its own (see start_vllm), one stream for the whole copy; otherwise a bounded bucket of layers at a time,
+    which rank 0 puts in a CUDA buffer the engine opens by IPC (colocated) or writes into the staging file that
+    the engine maps, and the engine loads before the next. ZeRO-3 shards are gathered one bucket at a time. Every
+    rank must call this (the gather is collective); returns the set of vLLM parameter names the engine loaded
+    (rank 0; empty elsewhere). Extra memory: one bucket on each GPU (the gather), and on rank 0's GPU vLLM's two
+    1 GB packed buffers (NCCL) or one more bucket (IPC), or one in host memory (file)."""
+    named_params = list(named_params)
+    nccl = on_rank0(lambda: getattr(llm, "weight_group", None) is not None, is_main, share=True)
+    if nccl:
+        walk = gathered_weights(named_params, bucket_mb, dtype)
+        meta = [(n, str(dtype or p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+                for n, p in named_params]
+
+        def send():
+            try:
+                return send_nccl(llm, walk, meta)
+            finally:
+                for _ in walk:  # the other ranks gather every bucket: so must this one, even after an error
+                    pass
+        if not is_main:
+            for _ in walk:
+                pass
+        loaded = on_rank0(send, is_main)
+        on_rank0(lambda: reset_caches(llm), is_main)
+        return loaded or set()
+
     def stage(bucket):
         entries, off = [], 0
         for n, p in bucket:
@@ -553,43 +597,33 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
             return pickle.dumps(reduce_tensor(flat)[1]), entries, flat  # flat lives until the engine has loaded it
         return path, entries
 
-    def reset_caches():
-        llm.reset_prefix_cache()  # cached KV was computed by the old weights
-        for reset in (getattr(llm, "reset_mm_cache", None), getattr(llm.llm_engine, "reset_encoder_cache", None)):
-            if reset is not None:  # image features encoded by the old vision tower
-                reset()
-
-    nccl = is_main and getattr(llm, "weight_group", None) is not None  # else IPC or the staging file
-    ipc = is_main and getattr(llm, "weight_transfer", None) == "ipc"
+    ipc = is_main and getattr(llm, "weight_transfer", None) == "ipc"  # else the staging file
     loaded = set()
-
-    def begin():
-        if nccl:
-            llm.collective_rpc("record_loads", args=(True,))
-            llm.start_weight_update()
 
     def load_staged(staged):  # the engine reads the copy after the gathered bucket is released
         if ipc:
             loaded.update(llm.collective_rpc("load_ipc_weights", args=staged[:2])[0])
-        elif not nccl:
+        else:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
-    def end():
-        if nccl:
-            llm.finish_weight_update()
-            loaded.update(llm.collective_rpc("record_loads", args=(False,))[0])
-        reset_caches()
-
-    on_rank0(begin, is_main)  # every rank makes the same on_rank0 calls: each is a collective
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
-            staged = on_rank0(lambda: send_nccl(llm, bucket, dtype) if nccl else stage(bucket), is_main)
+            staged = on_rank0(lambda: stage(bucket), is_main)
         on_rank0(lambda: load_staged(staged), is_main)
         staged = None  # IPC: the buffer goes before the next bucket's
         if ipc:
             torch.cuda.ipc_collect()
-    on_rank0(end, is_main)
+    on_rank0(lambda: reset_caches(llm), is_main)
     return loaded
+
+
+def reset_caches(llm):
+    """After new weights: the engine's prefix cache (KV computed by the old weights) and its image features (encoded
+    by the old vision tower) go."""
+    llm.reset_prefix_cache()
+    for reset in (getattr(llm, "reset_mm_cache", None), getattr(llm.llm_engine, "reset_encoder_cache", None)):
+        if reset is not None:
+            reset()
 
 
 def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None):

@@ -91,9 +91,11 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
 
     def chunk_logprobs(h, t):
         logits = model.lm_head(h)  # (B, c, V) for one chunk only; float32 with float32_head (bf16 is coarse)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        if suppressed is not None:
-            logits = logits.index_fill(-1, suppressed, float("-inf"))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature != 1:
+            logits = logits / temperature
+        if suppressed is not None:  # in place: no backward needs these logits (one pass less over B x c x vocab)
+            logits = logits.index_fill_(-1, suppressed, float("-inf"))
         if top_p < 1:  # the scored token stays in: a sampled token at the nucleus' edge (bf16 noise), a padding
             # target or a reference whose nucleus lacks it would otherwise get -inf and make the loss NaN
             drop = outside_nucleus(logits.detach(), top_p).scatter(-1, t[..., None], False)

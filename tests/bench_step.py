@@ -10,7 +10,8 @@
 Launch it like main.py, one training process (train runs on GPU 0; generate and sync put vLLM on the last GPU):
   CUDA_VISIBLE_DEVICES=0,1 python -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \\
       tests/bench_step.py --model /tmp/qwen2-vl-2b-random --trainable all --max_completion_length 512 \\
-      [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [any main.py flag]
+      [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [--variants no_checkpointing]
+      [any main.py flag]
 The batch is main.py's: prompts_per_step prompts of the data x num_generations completions, here random tokens of
 max_completion_length each (what a random model writes). --profile: torch profiler tables of one of our updates.
 """
@@ -161,6 +162,7 @@ def main_bench():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--profile", default="")
     parser.add_argument("--skip_plain", action="store_true")
+    parser.add_argument("--variants", default="", help="no_checkpointing: our update again without it")
     args, rest = parser.parse_known_args()
     cfg = main.parse_config(rest + ["--output_dir", tempfile.mkdtemp(prefix="bench_step_"), "--overwrite", "true"])
     phases = args.phases.split(",")
@@ -208,6 +210,8 @@ def main_bench():
         return trainer.update_policy(cfg, policy, ref_model, optimizer, accelerator, prompts, completions,
                                      advantages, sampler_logps, pad_id)
     if "train" in phases:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the plain update's peak is not ours
         times, _ = timed(update, args.iters)
         results["train_ours"] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
                                      mfu=6 * n_params * tokens / mean(times) / peak)
@@ -220,6 +224,17 @@ def main_bench():
                 results["train_plain"]["tokens_per_s"]
         if args.profile:
             profile_update(update, args.profile)
+        if cfg.gradient_checkpointing and "no_checkpointing" in args.variants.split(","):
+            model.gradient_checkpointing_disable()  # what recomputing activations costs, in time and in memory
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            times, _ = timed(update, args.iters)
+            results["train_ours_no_checkpointing"] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
+                                                          mfu=6 * n_params * tokens / mean(times) / peak)
+            if torch.cuda.is_available():
+                results["train_ours_no_checkpointing"]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"our update without gradient checkpointing: {mean(times):.3f} s", flush=True)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if "generate" in phases or "sync" in phases:
         n_gpu = torch.cuda.device_count()
