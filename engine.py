@@ -555,7 +555,9 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     the engine maps, and the engine loads before the next. ZeRO-3 shards are gathered one bucket at a time. Every
     rank must call this (the gather is collective); returns the set of vLLM parameter names the engine loaded
     (rank 0; empty elsewhere). Extra memory: one bucket on each GPU (the gather), and on rank 0's GPU vLLM's two
-    1 GB packed buffers (NCCL) or one more bucket (IPC), or one in host memory (file)."""
+    1 GB packed buffers (NCCL) or one more bucket (IPC), or one in host memory (file). Over NCCL every vLLM layer
+    must get all its tensors in one call: vLLM's layerwise reload leaves the rest of a partly sent layer
+    uninitialised (make_weight_sync refuses a copy that leaves a tensor out before anything is sent)."""
     named_params = list(named_params)
     nccl = on_rank0(lambda: getattr(llm, "weight_group", None) is not None, is_main, share=True)
     if nccl:

@@ -315,7 +315,7 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
                 if tis_cap:  # p_old / p_sampler per token, capped (padding: 1)
                     weight = torch.exp(torch.where(b["completion_mask"] > 0, old - sampled, 0.0)).clamp(max=tis_cap)
                     if it == 0:
-                        sums["tis_capped"] += ((weight >= tis_cap).float() * b["completion_mask"]).sum().item()
+                        sums["tis_capped"] += ((weight >= tis_cap).float() * b["completion_mask"]).sum()
                 loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device),
                                      b["completion_mask"], cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
                                      cfg.loss_type, cfg.max_completion_length,
@@ -326,12 +326,13 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
-            sums["loss"] += loss.item() / cfg.mu
+            # summed where they are and read once at the end: a read per micro-batch would stall the GPU's queue
+            sums["loss"] += loss.detach() / cfg.mu
             for k in ("tokens", "clipped", "kl"):
-                sums[k] += st[k].item() / cfg.mu
+                sums[k] += st[k] / cfg.mu
             if it == 0:  # the trainer's and the sampler's view of the same tokens
-                sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum().item()
-    return sums
+                sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum()
+    return {k: float(v) for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ case $what in
     CUDA_VISIBLE_DEVICES=$gpus $py -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \
       --main_process_port $port tests/bench_step.py --model $model --trainable all --max_completion_length 512 \
       --iters 2 --variants no_checkpointing --profile "$out/profile.txt" > "$out/bench.log" 2>&1; rc=$?
-    grep -h "BENCH\|ratio" "$out/bench.log" ;;
+    grep -h "BENCH\|ratio\|^our \|^plain \|standalone" "$out/bench.log" ;;
   mixed)  # rank r gets rows r, r+3, ...: with every other row text-only, ranks differ in having an image
     $py -c "
 import json, os, sys

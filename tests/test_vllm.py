@@ -113,11 +113,14 @@ def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
     drop.add(left_out)
     with pytest.raises(RuntimeError, match="left out.*" + left_out.replace(".", r"\.")):
         sync()
-    # and the parity check sees the stale tensor whatever the bookkeeping says
-    push_weights_to_vllm(engine["llm"], named(), dtype=engine["dtype"])
-    if not (GPU and left_out == "lm_head.weight"):  # on CUDA vLLM's head is the embedding itself, sent anyway
-        stale = parity(engine)
-        assert not stale < 0.02, f"leaving out {left_out} must show in the log-probs (NaN counts): {stale}"
+    # and the parity check sees the stale tensor whatever the bookkeeping says. Not over NCCL: vLLM's layerwise
+    # reload there leaves the rest of a partly sent layer uninitialised (measured on 0.25.1: the engine then died of
+    # a device-side assert), which is why the refusal above comes before anything is sent
+    if engine["llm"].weight_group is None:
+        push_weights_to_vllm(engine["llm"], named(), dtype=engine["dtype"])
+        if not (GPU and left_out == "lm_head.weight"):  # on CUDA vLLM's head is the embedding itself, sent anyway
+            stale = parity(engine)
+            assert not stale < 0.02, f"leaving out {left_out} must show in the log-probs (NaN counts): {stale}"
     drop.clear()
     sync()
     after = parity(engine)
