@@ -72,13 +72,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     return loss, stats
 
 
-def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=1.0, chunk_size=256,
+def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=1.0, chunk_tokens=4096,
                         blank_image=False):
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
     masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored.
-    Runs the backbone once, then the LM head over chunks of positions, each under activation checkpointing: no
-    (B, C, vocab) float32 tensor ever exists, in forward or backward. `blank_image`: see with_blank_image."""
+    Runs the backbone once, then the LM head over chunks of about chunk_tokens (row, position) pairs, each under
+    activation checkpointing: no (B, C, vocab) float32 tensor ever exists, in forward or backward, and the head's
+    memory stays the same for any micro-batch size. `blank_image`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
     if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
         batch = with_blank_image(batch, model.config)
@@ -103,8 +104,9 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
         return torch.gather(logits.log_softmax(-1), -1, t[..., None])[..., 0]
 
     out = []
-    for s in range(0, C, chunk_size):
-        h, t = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+    width = max(1, chunk_tokens // B)  # positions per chunk: about chunk_tokens rows of logits, whatever B is
+    for s in range(0, C, width):
+        h, t = hidden[:, s:s + width], targets[:, s:s + width]
         out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                    else chunk_logprobs(h, t))
     return torch.cat(out, dim=1)

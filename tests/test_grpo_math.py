@@ -215,13 +215,13 @@ def naive_logprobs(model, batch, temperature, suppressed):
     return out
 
 
-@pytest.mark.parametrize("temperature,chunk", [(1.0, 256), (0.7, 2)])
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 4096), (0.7, 5)])
 def test_logprobs_and_gradient_match_the_full_logits(tiny_batch, temperature, chunk):
     model, batch = tiny_batch
     suppressed = [5, 6]
     mask = batch["completion_mask"]
     model.zero_grad()
-    ours = completion_logprobs(model, batch, temperature, suppressed, chunk_size=chunk)
+    ours = completion_logprobs(model, batch, temperature, suppressed, chunk_tokens=chunk)
     (ours * mask).sum().backward()
     grads_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
