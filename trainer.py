@@ -449,6 +449,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                        "is sampling from other weights - check that the weight copy is complete")
         if torch.cuda.is_available():
             m["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30  # this process (rank 0 on the console)
+            m["reserved_mem_gb"] = torch.cuda.memory_reserved() / 2 ** 30  # what it holds, its allocator's cache too
             peak = peak_bf16_flops()
             if peak:  # model FLOPs utilisation of the update: 6 x parameters x tokens trained on
                 m["mfu"] = 6 * n_params * tot[5] / (t_train - t_rew) / (peak * accelerator.num_processes)

@@ -83,7 +83,7 @@ $py - "$out/metrics_$what.jsonl" "$out/smi_$what.csv" "$gpus" <<'EOF'
 import json, sys
 ms = [json.loads(l) for l in open(sys.argv[1])]
 keys = ["step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "sampler_logp_diff",
-        "peak_mem_gb"]
+        "peak_mem_gb", "reserved_mem_gb"]
 print("step " + " ".join(f"{k:>17}" for k in keys))
 for m in ms:
     print(f"{m['step']:>4} " + " ".join(f"{m.get(k, float('nan')):>17.4g}" for k in keys))

@@ -23,7 +23,8 @@ LAUNCH = [PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yam
 RUN = ["--model", "tiny", "--rewards", "uppercase", "--steps", "6", "--save_steps", "2", "--eval_steps", "0",
        "--prompts_per_step", "2", "--num_generations", "4", "--micro_batch_size", "3", "--max_completion_length", "8",
        "--learning_rate", "3e-3", "--beta", "0.04", "--trainable", "all", "--log_completions_steps", "1"]
-TIMING = {"step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "peak_mem_gb"}
+TIMING = {"step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "peak_mem_gb",
+          "reserved_mem_gb"}
 
 
 def env():
