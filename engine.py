@@ -1,9 +1,12 @@
 """The rollout engine's side: vLLM in its own processes (start, generate, sleep, stop), the weight copy from the
 ZeRO-3 shards into it, the groups of ranks an engine serves, and the watchdog that leaves no process or staging
 file behind."""
+import contextlib
+import logging
 import math
 import os
 import re
+import time
 import warnings
 
 import numpy as np
@@ -144,34 +147,42 @@ class VLLMWeightLoader:
         the vLLM parameters set."""
         self.record_loads(True)
         try:
-            self.start_weight_update()
-            self.update_weights(update_info)
-            self.finish_weight_update()
+            with quiet_partial_reload():
+                self.start_weight_update()
+                self.update_weights(update_info)
+                self.finish_weight_update()
         finally:
             loaded = self.record_loads(False)
         return loaded
 
     def reload_flat(self, flat, entries):
-        import logging
         weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
                     .view(shape)) for name, dtype, shape, off in entries]
-        # a partial load (one bucket) makes reload_weights warn about every layer of the other buckets; the caller
-        # checks completeness itself
-        quiet = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.inplace",
-                                                "vllm.model_executor.model_loader.reload.layerwise",
-                                                "vllm.v1.worker.gpu_model_runner")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
         self.record_loads(True)
         try:
-            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            with quiet_partial_reload():
+                self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         finally:
             loaded = self.record_loads(False)
-            for q, lv in zip(quiet, levels):
-                q.setLevel(lv)
             del weights, flat
         return loaded
+
+
+@contextlib.contextmanager
+def quiet_partial_reload():
+    """vLLM's reload warns about every layer a load left alone ("Failed to load weights": each frozen layer on every
+    copy, every other bucket's layers on a bucket's load); the caller checks completeness itself."""
+    quiet = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.inplace",
+                                            "vllm.model_executor.model_loader.reload.layerwise",
+                                            "vllm.v1.worker.gpu_model_runner")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
 
 
 def start_vllm(path, cfg, gpu=None, colocate=False):
@@ -287,11 +298,26 @@ def send_nccl(llm, weights, meta):
     update = dict(names=[n for n, _, _ in meta], dtype_names=[d for _, d, _ in meta], shapes=[s for _, _, s in meta],
                   packed=True)
     received = in_thread(llm.collective_rpc, "receive_nccl", None, (update,), alive=lambda: engine_alive(llm))
-    streams = llm.__dict__.setdefault("send_streams", [torch.cuda.Stream() for _ in range(DEFAULT_PACKED_NUM_BUFFERS)])
+    if "send_streams" not in llm.__dict__:
+        llm.send_streams = [torch.cuda.Stream() for _ in range(DEFAULT_PACKED_NUM_BUFFERS)]
+    streams = llm.send_streams
+
+    def wait(stream):  # not stream.synchronize() alone: a receiver that failed or died would leave it waiting forever
+        polls = 0
+        while not stream.query():
+            if received.done():  # the engine has answered: with its error (raised here), or done receiving
+                received()
+                stream.synchronize()
+                return
+            polls += 1
+            if polls % 1000 == 0 and not engine_alive(llm):
+                raise RuntimeError("the vLLM engine's processes ended during the weight copy (its log is above)")
+            time.sleep(0.0005)
     in_flight, i = [None] * len(streams), 0
     while True:
-        streams[i].synchronize()  # this buffer's last broadcast is done: it may go
+        wait(streams[i])  # this buffer's last broadcast is done: it may go
         in_flight[i] = None
+        streams[i].wait_stream(torch.cuda.current_stream())  # after the optimizer step that wrote the weights
         with torch.cuda.stream(streams[i]):
             chunk = pack_tensors(weights, lambda item: item[1], DEFAULT_PACKED_BUFFER_SIZE_BYTES)
             if chunk is None:
@@ -299,7 +325,8 @@ def send_nccl(llm, weights, meta):
             llm.weight_group.broadcast(chunk.packed_tensor, src=0)
             in_flight[i] = chunk
         i = (i + 1) % len(streams)
-    torch.cuda.synchronize()
+    for stream in streams:
+        wait(stream)
     return set(received()[0])
 
 
@@ -326,6 +353,7 @@ def in_thread(fn, *args, alive=None):
         if "error" in box:
             raise box["error"]
         return box["result"]
+    join.done = lambda: not thread.is_alive()
     return join
 
 
