@@ -210,16 +210,19 @@ def main_bench():
     def update():
         return trainer.update_policy(cfg, policy, ref_model, optimizer, accelerator, prompts, completions,
                                      advantages, sampler_logps, pad_id)
-    if "train" in phases:
+    def measure(key, label):  # our update's time, MFU and its own memory peak
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # the plain update's peak is not ours
+            torch.cuda.reset_peak_memory_stats()  # not the plain update's, nor the previous variant's
         times, _ = timed(update, args.iters)
-        results["train_ours"] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
-                                     mfu=6 * n_params * tokens / mean(times) / peak)
+        r = results[key] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
+                                mfu=6 * n_params * tokens / mean(times) / peak)
         if torch.cuda.is_available():
-            results["train_ours"]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        print(f"our update: {mean(times):.3f} s ({[round(t, 3) for t in times]}), MFU "
-              f"{results['train_ours']['mfu']:.3f}, peak {results['train_ours'].get('peak_mem_gb', 0):.1f} GiB", flush=True)
+            r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"{label}: {r['s']:.3f} s ({[round(t, 3) for t in times]}), MFU {r['mfu']:.3f}, peak "
+              f"{r.get('peak_mem_gb', 0):.1f} GiB", flush=True)
+
+    if "train" in phases:
+        measure("train_ours", "our update")
         if "train_plain" in results:
             results["train_plain"]["mfu"] = 6 * n_params * tokens / results["train_plain"]["s"] / peak
             results["train_ratio_ours_over_plain"] = results["train_ours"]["tokens_per_s"] / \
@@ -228,15 +231,7 @@ def main_bench():
             profile_update(update, args.profile)
         if cfg.gradient_checkpointing and "no_checkpointing" in args.variants.split(","):
             model.gradient_checkpointing_disable()  # what recomputing activations costs, in time and in memory
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            times, _ = timed(update, args.iters)
-            results["train_ours_no_checkpointing"] = dict(s=mean(times), tokens_per_s=tokens / mean(times),
-                                                          mfu=6 * n_params * tokens / mean(times) / peak)
-            if torch.cuda.is_available():
-                results["train_ours_no_checkpointing"]["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            print(f"our update without gradient checkpointing: {mean(times):.3f} s, peak "
-                  f"{results['train_ours_no_checkpointing'].get('peak_mem_gb', 0):.1f} GiB", flush=True)
+            measure("train_ours_no_checkpointing", "our update without gradient checkpointing")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if "generate" in phases or "sync" in phases:
