@@ -495,11 +495,9 @@ def on_rank0(fn, is_main, share=False):
 
 
 def vllm_sleep(llm):
-    """Colocate mode: the KV cache dropped, the weights moved to host memory (level 1) or, when every weight copy
-    rewrites all of them (make_weight_sync sets llm.sleep_level = 2), dropped too: no 2 x 4.4 GB through host memory
-    a step for the 2B model; the GPU is the trainer's until vllm_wake_up."""
+    """Colocate mode: weights to host memory, KV cache dropped; the GPU is the trainer's until vllm_wake_up."""
     if llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not getattr(llm, "asleep", None):
-        llm.sleep(level=getattr(llm, "sleep_level", 1))
+        llm.sleep(level=1)
         llm.asleep = {"weights", "kv_cache"}
 
 
@@ -691,11 +689,6 @@ def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None)
             expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             expected["hf"] = {n for n, _ in trainable}
             on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)
-
-            def sleep_level():  # weights the trainable copy rewrites need no host copy while the engine sleeps
-                everything = set(llm.collective_rpc("vllm_param_names")[0]) <= expected["vllm"]
-                llm.sleep_level = 2 if everything else 1
-            on_rank0(sleep_level, is_main)
             return
         left_out = expected["hf"] - {n for n, _ in trainable}
         if left_out:
