@@ -157,11 +157,14 @@ def test_a_schedulers_term_to_every_process_checkpoints_and_resumes(tmp_path):
     the resumed run goes to the end. Before: rank 0 hung until torchrun killed it, no checkpoint."""
     pytest.importorskip("vllm")
     out = str(tmp_path / "run")
-    args = [*LAUNCH, *RUN, *ROLLOUTS["vllm_overlap"], "--output_dir", out, "--save_steps", "0"]
+    # 64-token completions: the rollout running ahead takes seconds, so the signal lands while it runs (with 8 it was
+    # sometimes done before the signal, and the step was saved with it, as it should be, but this path went untested)
+    args = [*LAUNCH, *RUN, *ROLLOUTS["vllm_overlap"], "--output_dir", out, "--save_steps", "0",
+            "--max_completion_length", "64"]
     with open(tmp_path / "term.log", "w") as log:
         proc = start(args, log)
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
-        time.sleep(0.5)
+        time.sleep(0.2)
         for p in tree(proc):
             try:
                 p.send_signal(signal.SIGTERM)
