@@ -581,13 +581,13 @@ def remove_stale_staging_files(folder):
             pass
 
 
-def gathered_weights(named_params, bucket_mb, dtype=None):
+def gathered_weights(named_params, bucket_mb, dtype=None, keep=True):
     """(name, full tensor) in model order, ZeRO-3 shards gathered a bucket of layers at a time. The gathers are
-    collective: every rank must walk this to its end."""
+    collective: every rank must walk this to its end; keep=False (a rank that sends nothing) copies nothing."""
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             for n, p in bucket:  # a copy of a gathered tensor: the gather is released when the walk leaves its bucket
-                yield n, p.detach().to(dtype or p.dtype, copy=hasattr(p, "ds_id"))
+                yield n, p.detach().to(dtype or p.dtype, copy=keep and hasattr(p, "ds_id"))
 
 
 def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
@@ -603,7 +603,7 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     named_params = list(named_params)
     nccl = on_rank0(lambda: getattr(llm, "weight_group", None) is not None, is_main, share=True)
     if nccl:
-        walk = gathered_weights(named_params, bucket_mb, dtype)
+        walk = gathered_weights(named_params, bucket_mb, dtype, keep=is_main)
         meta = [(n, str(dtype or p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
                 for n, p in named_params]
 
