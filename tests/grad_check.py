@@ -24,11 +24,11 @@ def recording_rollout(cfg, *args, **kwargs):
     generate, sync, llm, overlap = make_rollout(cfg, *args, **kwargs)
     calls = [0]
 
-    def cut_and_record(prompts, n, background=False):
+    def cut_and_record(prompts, n, background=False, sync_follows=False):
         if background:  # --overlap: the engine works while the trainer does; record when the result is taken
-            result = generate(prompts, n, background=True)
+            result = generate(prompts, n, background=True, sync_follows=sync_follows)
             return lambda: cut_and_record_result(prompts, n, *result())
-        return cut_and_record_result(prompts, n, *generate(prompts, n))
+        return cut_and_record_result(prompts, n, *generate(prompts, n, sync_follows=sync_follows))
 
     def cut_and_record_result(prompts, n, samples, logps):
         keep = [[max(1, len(s) - (i * n + j) % 4) for j, s in enumerate(group)] for i, group in enumerate(samples)]

@@ -125,3 +125,35 @@ def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
     sync()
     after = parity(engine)
     assert after < 0.02, after
+
+
+@pytest.mark.parametrize("trainable", ["all", "language"])
+def test_a_rollout_sleep_drops_the_weights_only_when_a_whole_copy_follows(engine, trainable):
+    """Colocated (sleep mode): after a rollout the engine drops its weights (level 2) when every copy carries all
+    of them, and the copy brings every tensor back; a generate before that copy is refused. With a frozen part
+    (never sent again) the weights stay in host memory (level 1)."""
+    from engine import make_weight_sync, vllm_generate
+    llm = engine["llm"]
+    if not llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+        pytest.skip("sleep mode: a colocated engine on a GPU")
+    model = engine["model"]
+    model.load_state_dict(engine["initial"])
+    model.requires_grad_(True)
+    if trainable == "language":
+        model.model.visual.requires_grad_(False)
+    sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), dtype=engine["dtype"])
+    sync()
+    assert llm.copies_everything == (trainable == "all")
+    perturb(model, seed=4)
+    if trainable == "language":  # the frozen part does not move
+        model.model.visual.load_state_dict({k.removeprefix("model.visual."): v for k, v in engine["initial"].items()
+                                            if k.startswith("model.visual.")})
+    vllm_generate(llm, engine["prompts"], 1, engine["cfg"], engine["suppressed"], sync_follows=True)
+    assert llm.weights_dropped == (trainable == "all")
+    if trainable == "all":
+        with pytest.raises(RuntimeError, match="dropped"):
+            vllm_generate(llm, engine["prompts"], 1, engine["cfg"], engine["suppressed"])
+    sync()
+    assert not llm.weights_dropped
+    after = parity(engine)
+    assert after < 0.02, after
