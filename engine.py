@@ -178,7 +178,7 @@ class VLLMWeightLoader:
         for n in sizes:
             offsets.append(offsets[-1] + n)
         staging = getattr(self, "nccl_staging", None)
-        if staging is None or staging.numel() < offsets[-1]:
+        if staging is None or staging.numel() < offsets[-1]:  # not reserved at the start (reserve_staging)
             self.nccl_staging = staging = None  # the old one goes first
             torch.cuda.empty_cache()
             self.nccl_staging = staging = torch.empty(offsets[-1], dtype=torch.uint8, device=self.device)
@@ -201,6 +201,10 @@ class VLLMWeightLoader:
         finally:
             loaded = self.record_loads(False)
         return loaded
+
+    def reserve_staging(self, nbytes):
+        """Makes receive_nccl's buffer now, at the start of the run."""
+        self.nccl_staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def reload_flat(self, flat, entries):
         weights = views(flat, entries)
@@ -237,10 +241,25 @@ def quiet_partial_reload():
             q.setLevel(lv)
 
 
-def start_vllm(path, cfg, gpu=None, colocate=False):
-    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend)."""
+def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
+    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `copy_bytes`: the
+    largest weight copy the run will send; over NCCL the engine receives a copy whole before loading it, into a
+    buffer of that size made here (the default memory share leaves room for it), so that a GPU without room for
+    it fails now, with a message, rather than mid-copy."""
     check_vllm_version()
     from vllm import LLM
+    transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
+        "file" if gpu is None else "ipc" if colocate else "nccl"
+    if transfer == "nccl" and (gpu is None or colocate):
+        raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
+                         "auto here")
+    if transfer == "ipc" and not colocate:
+        raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
+                         "use nccl, file or auto here")
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+        memory -= copy_bytes / torch.cuda.get_device_properties(visible.split(",").index(str(gpu))).total_memory
     # the engine's processes inherit this environment: hide the trainer's rank variables and other GPUs
     # (under torchrun, TORCHELASTIC_USE_AGENT_STORE makes vLLM's own process group wait forever for a store)
     launcher = [k for k in os.environ if k.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))]
@@ -252,19 +271,6 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
-        "file" if gpu is None else "ipc" if colocate else "nccl"
-    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
-    if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's copy of the weights
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
-        total = torch.cuda.get_device_properties(visible.split(",").index(str(gpu))).total_memory
-        memory -= checkpoint_bytes(path) / total
-    if transfer == "nccl" and (gpu is None or colocate):
-        raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
-                         "auto here")
-    if transfer == "ipc" and not colocate:
-        raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
-                         "use nccl, file or auto here")
     extra = {}
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
@@ -292,13 +298,13 @@ def start_vllm(path, cfg, gpu=None, colocate=False):
     llm.engine_processes = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     llm.weight_transfer = transfer
+    if llm.weight_group is not None and copy_bytes:
+        try:
+            llm.collective_rpc("reserve_staging", args=(copy_bytes,))
+        except Exception as e:
+            raise RuntimeError(f"vLLM's GPU has no room for the {copy_bytes / 2 ** 30:.1f} GiB buffer that receives each "
+                               f"weight copy ({type(e).__name__}: {e}): lower --vllm_gpu_memory_utilization") from e
     return llm
-
-
-def checkpoint_bytes(path):
-    """Bytes of a local model folder's weight files (0 for anything else)."""
-    import glob
-    return sum(os.path.getsize(f) for pattern in ("*.safetensors", "*.bin") for f in glob.glob(os.path.join(path, pattern)))
 
 
 NEW_SESSION = []  # [True] while start_vllm starts the engine: forked children begin a session of their own

@@ -602,8 +602,11 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         user_error("--overlap true: vLLM shares the training GPU here and sleeps while the trainer works; give it a "
                    "GPU of its own (one more visible GPU) or drop --overlap")
     overlap = cfg.overlap == "true" or (cfg.overlap == "auto" and gpu is not None and not colocate)
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate), owner)
     dtype = torch.bfloat16 if gpu is not None else torch.float32
+    sizes = {False: 0, True: 0}  # the two parts the first copy sends, frozen and trainable; later copies: trainable
+    for _, p in model.named_parameters(remove_duplicate=False):
+        sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values())), owner)
     sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set

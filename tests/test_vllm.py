@@ -157,3 +157,14 @@ def test_a_rollout_sleep_drops_the_weights_only_when_a_whole_copy_follows(engine
     assert not llm.weights_dropped
     after = parity(engine)
     assert after < 0.02, after
+
+
+@pytest.mark.parametrize("transfer,message", [("nccl", "needs vLLM on a GPU of its own"),
+                                              ("ipc", "needs vLLM on the training GPU")])
+def test_a_transfer_the_layout_cannot_take_is_refused_before_anything_starts(transfer, message):
+    from engine import start_vllm
+    from main import Config
+    before = dict(os.environ)
+    with pytest.raises(SystemExit, match=message):
+        start_vllm("unused", Config(vllm_weight_transfer=transfer), gpu=None, colocate=False, copy_bytes=1 << 30)
+    assert dict(os.environ) == before  # the launcher's variables are still there
