@@ -302,8 +302,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
         try:
             llm.collective_rpc("reserve_staging", args=(copy_bytes,))
         except Exception as e:
-            raise RuntimeError(f"vLLM's GPU has no room for the {copy_bytes / 2 ** 30:.1f} GiB buffer that receives each "
-                               f"weight copy ({type(e).__name__}: {e}): lower --vllm_gpu_memory_utilization") from e
+            raise RuntimeError(f"vLLM's GPU has no room for the {copy_bytes / 2 ** 30:.1f} GiB buffer that receives "
+                               f"each weight copy ({type(e).__name__}: {e}): lower --vllm_gpu_memory_utilization") from e
     return llm
 
 
