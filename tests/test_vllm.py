@@ -162,6 +162,7 @@ def test_a_rollout_sleep_drops_the_weights_only_when_a_whole_copy_follows(engine
 @pytest.mark.parametrize("transfer,message", [("nccl", "needs vLLM on a GPU of its own"),
                                               ("ipc", "needs vLLM on the training GPU")])
 def test_a_transfer_the_layout_cannot_take_is_refused_before_anything_starts(transfer, message):
+    from vllm import LLM  # noqa: F401  (importing vLLM sets variables of its own, once)
     from engine import start_vllm
     from main import Config
     before = dict(os.environ)
