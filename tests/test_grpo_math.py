@@ -337,3 +337,28 @@ def test_shared_images_give_the_same_logprobs_and_gradients(tiny_qwen2_vl):
     assert results[0][1].keys() == results[1][1].keys()
     for n in results[1][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-7, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
+    """trainer.rope_positions (from host copies of the inputs: on a GPU the model's own walk over the rows stalls
+    the queue several times a row) gives exactly the multimodal RoPE positions the model's forward computes
+    itself, for left-padded rows with an image, without one, and of different lengths."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from trainer import rope_positions
+    from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
+    path = build_tiny_model(str(tmp_path / kind), kind)
+    inner = AutoModelForImageTextToText.from_pretrained(path).model
+    processor = AutoProcessor.from_pretrained(path)
+    rows = make_counting_dataset(3, seed=3)
+    rows[0]["image"] = None
+    prompts = [build_prompt(processor, r, Config(model="tiny")) for r in rows]
+    batch = collate(prompts, [[5] * 4, [6] * 9, [7]], processor.tokenizer.pad_token_id)
+    inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
+    own = inner.compute_3d_position_ids(input_ids=inputs["input_ids"], inputs_embeds=None, video_grid_thw=None,
+                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+                                        past_key_values=None, mm_token_type_ids=inputs["mm_token_type_ids"])
+    ours = rope_positions(inner, inputs)
+    assert own.shape == (3, 3, inputs["input_ids"].shape[1]) and torch.equal(ours, own)
+    assert not torch.equal(own[1], own[0]), "the image's height/width positions differ from the text's"
