@@ -61,6 +61,7 @@ class Config:
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: 2.8x faster updates for the 2B model on one H200); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches; ~1 min once): true, false, auto: on GPUs unless under ZeRO-3 (not tried with its per-module gathers)"})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
     save_steps: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps (0: only the final model)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the last N checkpoints (0: all)"})
@@ -154,6 +155,8 @@ def check_config(cfg):
         problems.append(f"--max_grad_norm {cfg.max_grad_norm}: use a norm > 0, or 0 for no clipping")
     if cfg.rollout not in ("auto", "vllm", "hf"):
         problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
+    if cfg.compile not in ("auto", "true", "false"):
+        problems.append(f"--compile {cfg.compile!r}: use true, false or auto")
     if cfg.zero_stage not in ("auto", "2", "3"):
         problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded), 2 (whole weights on each rank) "
                         "or auto")
@@ -359,6 +362,7 @@ def main(cfg):
         eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
+        zero += ", compiled layers" if model.model.language_model.layers[0]._compiled_call_impl is not None else ""
         engine = "transformers generate"
         if llm is not None:
             engine = "vLLM on " + ("CPU" if accelerator.device.type == "cpu" else "this GPU, asleep while training"
@@ -466,6 +470,11 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    stage = zero["stage"] if ds_plugin is not None else None
+    if cfg.compile == "true" or (cfg.compile == "auto" and accelerator.device.type == "cuda" and stage != 3):
+        for m in (model, ref_model):  # each layer on its own: no graph breaks, and one compile serves all layers
+            for layer in [] if m is None else m.model.language_model.layers:
+                layer.compile(dynamic=True)  # lengths change every step: no recompile for each
     suppressed = vision_token_ids(model.config, processor.tokenizer)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine

@@ -247,7 +247,7 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
     model.eval()
     model.generation_config = GenerationConfig(**ids)  # nothing else to inherit
     try:  # ZeRO-3: gather the whole model once rather than shard by shard at every decoding step
-        with gather_zero3_params(list(model.parameters())):
+        with gather_zero3_params(list(model.parameters())), torch.compiler.set_stance("force_eager"):  # --compile
             out = model.generate(**batch, generation_config=config, logits_processor=processors, use_cache=True)
     finally:
         model.generation_config = own
