@@ -3,14 +3,16 @@
   train     our update (trainer.update_policy: DeepSpeed, chunked float32-head log-probs, the reference forward)
             vs a plain transformers forward/backward + AdamW of the same micro-batches (tokens/s, MFU)
   generate  our in-loop rollout (engine.vllm_generate on the engine main.py starts) vs a standalone vLLM
-            LLM.generate of the same requests with the same sampling parameters (completion tokens/s)
+            LLM.generate of the same requests with the same sampling parameters (completion tokens/s); to tell
+            where a gap comes from, also the standalone with our per-request parameters (a seed each, the
+            logit bias) and our engine with the standalone's parameters (generate_diagnosis)
   sync      our weight copy (engine.make_weight_sync: ZeRO-3 gather, buckets, vLLM's load) vs a raw NCCL broadcast of
             the same bytes between the same two GPUs (GB/s)
 
 Launch it like main.py, one training process (train runs on GPU 0; generate and sync put vLLM on the last GPU):
   CUDA_VISIBLE_DEVICES=0,1 python -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \\
       tests/bench_step.py --model /tmp/qwen2-vl-2b-random --trainable all --max_completion_length 512 \\
-      [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [--variants no_checkpointing]
+      [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [--variants no_checkpointing,eager]
       [any main.py flag]
 The batch is main.py's: prompts_per_step prompts of the data x num_generations completions, here random tokens of
 max_completion_length each (what a random model writes). --profile: torch profiler tables of one of our updates.
@@ -98,11 +100,13 @@ def plain_update(cfg, path, prompts, completions, advantages, pad_id, suppressed
 
 def standalone_generate(path, cfg, requests_file, out_file):
     """In a process of its own, on the engine's GPU: vLLM as one uses it alone (defaults, CUDA graphs), the same
-    requests and sampling parameters as our rollout."""
+    requests and sampling parameters as our rollout; then the same engine with our rollout's per-request extras
+    (a seed per request, the logit bias on the vision tokens), to tell what those cost from what our engine's
+    set-up costs."""
     from vllm import LLM, SamplingParams
     engine.start_guard()
     with open(requests_file, "rb") as f:
-        requests, n, iters = pickle.load(f)
+        requests, n, iters, ours = pickle.load(f)
     gpu = torch.cuda.is_available()
     llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=cfg.seed, generation_config="vllm",
               gpu_memory_utilization=0.85 if gpu else 0.1,
@@ -110,15 +114,21 @@ def standalone_generate(path, cfg, requests_file, out_file):
     engine.guard_children()
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
-    times, tokens = [], []
-    for i in range(1 + iters):
-        t = time.perf_counter()
-        outs = llm.generate(requests, params, use_tqdm=False)
-        if i:
-            times.append(time.perf_counter() - t)
-            tokens.append(sum(len(o.token_ids) for out in outs for o in out.outputs))
-    with open(out_file, "w") as f:
-        json.dump({"times": times, "tokens": tokens}, f)
+    seeded = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=ours["seed"] + k * n,
+                             logit_bias=ours["bias"], max_tokens=cfg.max_completion_length, logprobs=0,
+                             detokenize=False) for k in range(len(requests))]
+    results = {}
+    for name, p in (("plain", params), ("our_params", seeded)):
+        times, tokens = [], []
+        for i in range(1 + iters):
+            t = time.perf_counter()
+            outs = llm.generate(requests, p, use_tqdm=False)
+            if i:
+                times.append(time.perf_counter() - t)
+                tokens.append(sum(len(o.token_ids) for out in outs for o in out.outputs))
+        results[name] = {"times": times, "tokens": tokens}
+        with open(out_file, "w") as f:  # after each: what finished is kept if the second times out
+            json.dump(results, f)
     llm.llm_engine.engine_core.shutdown()  # before os._exit: its processes would outlive this one
 
 
@@ -177,8 +187,9 @@ def main_bench():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--profile", default="")
     parser.add_argument("--skip_plain", action="store_true")
-    parser.add_argument("--reference_timeout", type=int, default=240, help="seconds for the standalone vLLM")
-    parser.add_argument("--variants", default="", help="no_checkpointing: our update again without it")
+    parser.add_argument("--reference_timeout", type=int, default=400, help="seconds for the standalone vLLM")
+    parser.add_argument("--variants", default="", help="no_checkpointing, eager (no torch.compile): our update "
+                        "again without it")
     args, rest = parser.parse_known_args()
     cfg = main.parse_config(rest + ["--output_dir", tempfile.mkdtemp(prefix="bench_step_"), "--overwrite", "true"])
     phases = args.phases.split(",")
@@ -215,7 +226,8 @@ def main_bench():
     work = tempfile.mkdtemp(prefix="bench_step_")
     if "generate" in phases:
         with open(f"{work}/requests.pkl", "wb") as f:
-            pickle.dump(([engine.vllm_prompt(p) for p in prompts], G, args.iters), f)
+            ours = {"seed": 12345, "bias": {t: -1e9 for t in suppressed} or None}  # as vllm_generate sets them
+            pickle.dump(([engine.vllm_prompt(p) for p in prompts], G, args.iters, ours), f)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible[-1] if n_gpu else ""}
         for k in [k for k in env if k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "TORCHELASTIC",
                                                    "GROUP_", "ROLE_", "LOCAL_WORLD", "ACCELERATE_"))]:
@@ -223,14 +235,14 @@ def main_bench():
         try:
             subprocess.run([sys.executable, __file__, "--standalone_generate", f"{work}/requests.pkl",
                             f"{work}/standalone.json", *rest], env=env, check=True, timeout=args.reference_timeout)
-            with open(f"{work}/standalone.json") as f:
-                alone = json.load(f)
-            results["generate_standalone"] = dict(s=mean(alone["times"]),
-                                                  tokens_per_s=mean(alone["tokens"]) / mean(alone["times"]))
-            print(f"standalone vLLM: {mean(alone['times']):.3f} s, {mean(alone['tokens']):.0f} tokens", flush=True)
         except subprocess.TimeoutExpired:
-            results["generate_standalone"] = f"not done in {args.reference_timeout} s"
             print(f"standalone vLLM: not done in {args.reference_timeout} s", flush=True)
+        alone = json.load(open(f"{work}/standalone.json")) if os.path.exists(f"{work}/standalone.json") else {}
+        for name, key in (("plain", "generate_standalone"), ("our_params", "generate_standalone_our_params")):
+            if name in alone:
+                r = alone[name]
+                results[key] = dict(s=mean(r["times"]), tokens_per_s=mean(r["tokens"]) / mean(r["times"]))
+                print(f"standalone vLLM ({name}): {mean(r['times']):.3f} s, {mean(r['tokens']):.0f} tokens", flush=True)
     nbytes = weight_copy_bytes(path, cfg, 2 if n_gpu else 4)
     if "sync" in phases:
         import socket
@@ -253,7 +265,7 @@ def main_bench():
         print(f"plain transformers update: {mean(times):.3f} s ({[round(t, 3) for t in times]})", flush=True)
 
     model = main.load_model(path, cfg)
-    ref_model = main.load_model(path, cfg) if cfg.beta > 0 else None
+    ref_model = hf_ref = main.load_model(path, cfg) if cfg.beta > 0 else None
     accelerator = main.make_accelerator(cfg)
     policy, ref_model, optimizer, processor, suppressed = main.prepare_training(cfg, path, accelerator, model,
                                                                                ref_model)
@@ -282,6 +294,14 @@ def main_bench():
                 results["train_plain"]["tokens_per_s"]
         if args.profile:
             profile_update(update, args.profile)
+        if "eager" in args.variants.split(","):  # what --compile gains: the same update without it
+            layers = [layer for m in (model, hf_ref) if m is not None for layer in m.model.language_model.layers]
+            compiled = [layer._compiled_call_impl for layer in layers]
+            for layer in layers:
+                layer._compiled_call_impl = None
+            measure("train_ours_eager", "our update without torch.compile")
+            for layer, c in zip(layers, compiled):
+                layer._compiled_call_impl = c
         if cfg.gradient_checkpointing and "no_checkpointing" in args.variants.split(","):
             model.gradient_checkpointing_disable()  # what recomputing activations costs, in time and in memory
             measure("train_ours_no_checkpointing", "our update without gradient checkpointing")
@@ -301,9 +321,22 @@ def main_bench():
             times, _ = timed(rollout, args.iters)
             results["generate_ours"] = dict(s=mean(times), tokens_per_s=mean(counted[1:]) / mean(times))
             print(f"our rollout: {mean(times):.3f} s, {mean(counted[1:]):.0f} tokens", flush=True)
-            if "generate_standalone" in results and isinstance(results["generate_standalone"], dict):
-                results["generate_ratio_ours_over_standalone"] = results["generate_ours"]["tokens_per_s"] / \
-                    results["generate_standalone"]["tokens_per_s"]
+            from vllm import SamplingParams  # our engine, the standalone's plain parameters, no wrapper around it
+            plain = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                   max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
+            requests = [engine.vllm_prompt(p) for p in prompts]
+            times, outs = timed(lambda: llm.generate(requests, plain, use_tqdm=False), args.iters)
+            n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
+            results["generate_our_engine_plain"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
+            print(f"our engine, plain parameters: {mean(times):.3f} s, {n_tok} tokens", flush=True)
+            if "generate_standalone" in results:
+                alone = results["generate_standalone"]["tokens_per_s"]
+                results["generate_ratio_ours_over_standalone"] = results["generate_ours"]["tokens_per_s"] / alone
+                # where a shortfall comes from: our per-request parameters, our engine's set-up, our wrapper
+                results["generate_diagnosis"] = {
+                    "standalone_with_our_params": results.get("generate_standalone_our_params", {}).get(
+                        "tokens_per_s", float("nan")) / alone,
+                    "our_engine_with_plain_params": results["generate_our_engine_plain"]["tokens_per_s"] / alone}
         if "sync" in phases:
             # what the trainer waits for (over NCCL: the bytes crossing; the engine loads them meanwhile), and the
             # whole copy, loaded into the engine

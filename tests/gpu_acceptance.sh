@@ -9,7 +9,8 @@
 #   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ranks + vLLM, every other row text-only, 5 steps
 #   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs: the three side-by-side ratios, a profile
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
-# bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size). Each leaves its log,
+# bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
+# to a layout's train.sh (e.g. "--compile false"). Each leaves its log,
 # metrics.jsonl and nvidia-smi samples in OUT and prints the step split, completions/s and per-GPU peaks.
 # A layout refuses to start on GPUs that other processes hold (a run killed by `timeout` leaves its launcher and
 # engine behind: stop runs with kill -- -PGID, or let them end). The device tool returns few files: tar OUT.
@@ -38,7 +39,7 @@ fi
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/smi_$what.csv" &
 smi=$!
 args=(--model $model --steps 20 --num_generations 8 --prompts_per_step 4 --max_completion_length 512
-      --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_$what --overwrite true)
+      --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_${what}_$first --overwrite true ${TRAIN_ARGS:-})
 port=$((29500 + ${first} * 10))  # layouts side by side need a rendezvous port each
 export MASTER_PORT=$port
 case $what in
@@ -78,7 +79,7 @@ esac
 kill $smi 2>/dev/null
 case $what in tests|bench) exit $rc ;; esac
 tail -n 3 "$out/$what.log"
-cp /tmp/run_$what/metrics.jsonl "$out/metrics_$what.jsonl" 2>/dev/null
+cp /tmp/run_${what}_$first/metrics.jsonl "$out/metrics_$what.jsonl" 2>/dev/null
 grep -m1 "^grpo-vl:" "$out/$what.log"
 $py - "$out/metrics_$what.jsonl" "$out/smi_$what.csv" "$gpus" <<'EOF'
 import json, sys
