@@ -38,6 +38,8 @@ BAD_FLAGS = [
     (["--resume", "auto", "--overwrite", "true"], "--resume and --overwrite true contradict each other"),
     (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
     (["--rewards", "accuracy,nope"], "unknown ['nope']"),
+    (["--compile", "true", "--zero_stage", "3"], "--compile true --zero_stage 3: not supported"),
+    (["--compile", "yes"], "--compile 'yes': use true, false or auto"),
     *([(["--report_to", "wandb"], "the wandb package is not installed: pip install wandb")]
       if importlib.util.find_spec("wandb") is None else []),
 ]
@@ -51,6 +53,17 @@ def test_a_bad_flag_stops_with_one_message(tmp_path, flags, message):
     text = p.stdout + p.stderr
     assert message in text, text[-2000:]
     assert text.count(message) == 1 and "Traceback" not in text, text[-2000:]
+
+
+def test_compile_under_a_zero3_that_auto_chose_is_refused_once(tmp_path):
+    """On CPU --zero_stage auto resolves to 3 only once DeepSpeed is set up: --compile true is refused there too,
+    with one message (not a traceback per rank)."""
+    p = run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
+             "main.py", "--model", "tiny", "--output_dir", str(tmp_path / "out"), "--steps", "1", "--rollout", "hf",
+             "--compile", "true"], check=False, timeout=300)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count("--compile true under ZeRO-3") == 1, text[-3000:]
+    assert 'main.py", line' not in text, text[-3000:]  # no rank's traceback (the launcher reports the exit)
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
