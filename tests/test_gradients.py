@@ -182,10 +182,13 @@ def test_zero3_with_a_rank_without_images_runs_and_its_step_is_the_full_batch_gr
 
 
 @pytest.mark.slow
-def test_zero2_step_equals_the_naive_full_batch_gradient(tmp_path):
-    """--zero_stage 2 (whole weights on each rank, no per-layer gathers) applies the same full-batch gradient."""
+def test_zero2_compiled_step_equals_the_naive_full_batch_gradient(tmp_path):
+    """--zero_stage 2 (whole weights on each rank, no per-layer gathers) with --compile true (torch.compile of the
+    decoder layers, as on GPUs by default) applies the same full-batch gradient, through the policy's and the
+    reference's compiled layers, with mu 2 (a no-grad forward of the policy too)."""
     out = str(tmp_path / "z2")
-    grad_check(out, 2, "dapo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2"])
+    p = grad_check(out, 2, "dapo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2", "--compile", "true"])
+    assert "ZeRO-2, compiled layers" in p.stdout
     assert_update_is_the_full_batch_gradient(out, "dapo", 2, 0.1, 8, 4, n_expected=16)
 
 
@@ -206,14 +209,3 @@ def test_overlapped_step_with_importance_sampling_is_the_full_batch_gradient(tmp
     assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, tis_cap=2.0)
     with pytest.raises(AssertionError, match="relative error"):
         assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)
-
-
-@pytest.mark.slow
-def test_compiled_step_equals_the_naive_full_batch_gradient(tmp_path):
-    """--compile true (torch.compile of the decoder layers, on by default on GPUs under ZeRO-2): the same
-    full-batch gradient, through the policy's and the reference's compiled layers, with mu 2 (a no-grad forward
-    of the policy too) on 2 ZeRO-2 processes."""
-    out = str(tmp_path / "compiled")
-    p = grad_check(out, 2, "grpo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2", "--compile", "true"])
-    assert "ZeRO-2, compiled layers" in p.stdout
-    assert_update_is_the_full_batch_gradient(out, "grpo", 2, 0.1, 8, 4, n_expected=16)
