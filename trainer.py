@@ -16,7 +16,6 @@ import shutil
 import time
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
@@ -77,69 +76,185 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
     masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored.
-    Runs the backbone once, then the LM head over chunks of about chunk_tokens (row, position) pairs, each under
-    activation checkpointing: no (B, C, vocab) float32 tensor ever exists, in forward or backward, and the head's
-    memory stays the same for any micro-batch size. `blank_image`: see with_blank_image."""
+    Runs the backbone once, then the LM head (scoring_head) over chunks of about chunk_tokens (row, position)
+    pairs: no (B, C, vocab) tensor ever exists, in forward or backward, and the head's memory stays the same for
+    any micro-batch size. `blank_image`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
     if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
         batch = with_blank_image(batch, model.config)
-    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "image_index")}
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "image_index", "vision")}
     if "image_grid_thw" in inputs and "mm_token_type_ids" in inputs and "position_ids" not in inputs:
-        inputs["position_ids"] = rope_positions(model.model, inputs)
-    with shared_image_features(model.model, batch.get("image_index"), batch.get("image_grid_thw")):
+        inputs["position_ids"] = rope_positions(model.model, inputs).to(inputs["input_ids"].device)
+    with shared_image_features(model.model, batch.get("image_index"), batch.get("image_grid_thw"),
+                               batch.get("vision")):
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:B]  # (B, L, H)
     hidden = hidden[:, -C - 1:-1]  # (B, C, H): position t predicts token t + 1
     targets = batch["input_ids"][:B, -C:]
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=targets.device) if suppressed_ids else None
-
-    def chunk_logprobs(h, t):
-        logits = model.lm_head(h)  # (B, c, V) for one chunk only; float32 with float32_head (bf16 is coarse)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if temperature != 1:
-            logits = logits / temperature
-        if suppressed is not None:  # in place: no backward needs these logits (one pass less over B x c x vocab)
-            logits = logits.index_fill_(-1, suppressed, float("-inf"))
-        if top_p < 1:  # the scored token stays in: a sampled token at the nucleus' edge (bf16 noise), a padding
-            # target or a reference whose nucleus lacks it would otherwise get -inf and make the loss NaN
-            drop = outside_nucleus(logits.detach(), top_p).scatter(-1, t[..., None], False)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return torch.gather(logits.log_softmax(-1), -1, t[..., None])[..., 0]
-
+    head = scoring_head(model.get_output_embeddings())
     out = []
     width = max(1, chunk_tokens // B)  # positions per chunk: about chunk_tokens rows of logits, whatever B is
     for s in range(0, C, width):
         h, t = hidden[:, s:s + width], targets[:, s:s + width]
-        out.append(checkpoint(chunk_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
-                   else chunk_logprobs(h, t))
+        logp = head(h.reshape(-1, h.shape[-1]), t.reshape(-1), temperature, suppressed, top_p)  # a module call:
+        out.append(logp.view(B, -1))  # ZeRO-3's hooks gather the head's weight (forward and backward)
     return torch.cat(out, dim=1)
+
+
+def scoring_head(head):
+    """Makes the LM head (an nn.Linear without bias; idempotent) compute in float32 and score tokens:
+    head(h) -> float32 logits (transformers' generate samples from these); head(h (N, H), targets (N,),
+    temperature, suppressed, top_p) -> (N,) log-probs of the targets (TokenLogProbs). It stays a module call, so
+    ZeRO-3's hooks still gather its weight."""
+    if getattr(head, "scores_tokens", False):
+        return head
+    if head.bias is not None:
+        raise ValueError("the LM head has a bias: trainer.scoring_head does not add it")
+
+    def forward(h, targets=None, temperature=1.0, suppressed=None, top_p=1.0):
+        if targets is None:
+            return float32_logits(h.reshape(-1, h.shape[-1]), head.weight).view(*h.shape[:-1], -1)
+        return TokenLogProbs.apply(h, head.weight, targets, temperature, suppressed, top_p)
+    head.forward, head.scores_tokens = forward, True
+    return head
+
+
+def float32_logits(h, weight):
+    """h (N, H) @ weight (V, H)^T in float32 (float64 stays): products of bf16 numbers are exact in float32, so
+    only the output's rounding goes (bf16 logits were off by 0.002 mean / 0.013 max nats/token on a tiny model).
+    On a GPU one bf16 tensor-core GEMM with float32 accumulation and output (torch.mm's out_dtype): 2x TF32's
+    speed, and no float32 copy of the 150k x H weight per chunk."""
+    if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and weight.dtype == h.dtype:
+        return torch.mm(h, weight.t(), out_dtype=torch.float32)
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    return torch.mm(h.to(dtype), weight.to(dtype).t())
+
+
+def scored_logits(h, weight, targets, temperature, suppressed, top_p):
+    """The (N, V) float32 logits the sampler draws from: / temperature, the suppressed tokens and (top_p < 1) the
+    tokens outside the nucleus at -inf, in place. The scored token stays in the nucleus: a sampled token at the
+    nucleus' edge (bf16 noise), a padding target or a reference whose nucleus lacks it would otherwise get -inf
+    and make the loss NaN."""
+    z = float32_logits(h, weight)
+    if temperature != 1:
+        z.div_(temperature)
+    if suppressed is not None:
+        z.index_fill_(-1, suppressed, float("-inf"))
+    if top_p < 1:
+        z.masked_fill_(outside_nucleus(z, top_p).scatter_(-1, targets[:, None], False), float("-inf"))
+    return z
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log softmax(scored_logits)[target] per row, without keeping the (N, V) logits for backward: forward keeps
+    their logsumexp, backward recomputes them (one GEMM) and forms the logits' gradient in place, g (onehot(target)
+    - softmax) / temperature (masked tokens: softmax 0). Fewer passes over N x V than autograd through
+    log_softmax and gather under checkpointing, and no second (N, V) tensor. Backward's GEMMs run in the weight's
+    dtype (bf16 on a GPU, like every other layer's)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, suppressed, top_p):
+        z = scored_logits(h, weight, targets, temperature, suppressed, top_p)
+        lse = torch.logsumexp(z, -1)
+        ctx.save_for_backward(h, weight, targets, lse, suppressed)
+        ctx.temperature, ctx.top_p = temperature, top_p
+        return z.gather(-1, targets[:, None])[:, 0] - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, targets, lse, suppressed = ctx.saved_tensors
+        z = scored_logits(h, weight, targets, ctx.temperature, suppressed, ctx.top_p)
+        grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g softmax
+        grad.scatter_add_(-1, targets[:, None], g[:, None].to(grad.dtype))  # + g at the target
+        if ctx.temperature != 1:
+            grad.div_(ctx.temperature)
+        grad = grad.to(h.dtype)
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_weight, None, None, None, None
 
 
 def rope_positions(inner, inputs):
     """The multimodal RoPE positions (3, B, L) the model's forward would compute itself (its own get_rope_index),
-    computed on host copies of the inputs: on a GPU that function walks the rows in Python and reads the device
-    about 7 times a row, each read a stall of the GPU's queue (224 for a micro-batch of 32); here 4 in all."""
+    on the host: on a GPU that function walks the rows in Python and reads the device about 7 times a row, each
+    read a stall of the GPU's queue (224 for a micro-batch of 32)."""
     host = {k: inputs[k].cpu() for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")}
-    return inner.get_rope_index(**host)[0].to(inputs["input_ids"].device)
+    return inner.get_rope_index(**host)[0]
 
 
-def shared_image_features(inner, image_index, image_grid_thw):
+def vision_kwargs(visual, grid, device):
+    """What the vision tower computes from the images' (t, h, w) grid before its blocks, computed from a host copy
+    of the grid (n, 3), as transformers' vision encoders take it precomputed (transformers.vision_utils): the
+    patches' 2-D RoPE positions, and each image's span of the packed patch sequence (Qwen2.5-VL: each window's
+    too). With SDPA the spans stay on the host: each block splits its attention per image with lengths read from
+    them, and from a device tensor every block of every pass stalls the GPU's queue (32 blocks x 3 passes a
+    micro-batch for the 2B model). None when this transformers has no such inputs."""
+    try:
+        from transformers import vision_utils
+        from transformers.utils.generic import is_flash_attention_requested
+    except ImportError:
+        return None
+    grid = grid.cpu()
+    out = {"position_ids": vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size).to(device),
+           "cu_seqlens": vision_utils.get_vision_cu_seqlens(grid)}
+    if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: windowed attention in all but a few blocks
+        window_index, out["cu_window_seqlens"] = vision_utils.get_vision_window_index(
+            grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        out["window_index"] = window_index.to(device)
+    if is_flash_attention_requested(visual.config):  # varlen kernels take the spans on the device, and their max
+        for key, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
+            if key in out:
+                out[longest] = int((out[key][1:] - out[key][:-1]).max())
+                out[key] = out[key].to(device)
+    return out
+
+
+def batch_on_device(inner, batch, device):
+    """A collated batch (on the host) moved to `device` for the forwards of the update, with what the model's
+    forward would otherwise compute from device tensors computed here once, from the host copies: the multimodal
+    RoPE positions (rope_positions) and, as "vision", the distinct images' grid on the host and the vision tower's
+    inputs (vision_kwargs). image_index stays on the host (shared_image_features reads it)."""
+    out = {k: v if k == "image_index" else v.to(device) for k, v in batch.items()}
+    if "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+        out["position_ids"] = rope_positions(inner, batch).to(device)
+        index = batch.get("image_index")
+        grid = batch["image_grid_thw"] if index is None else batch["image_grid_thw"][distinct_rows(index)]
+        kwargs = vision_kwargs(inner.visual, grid, device)
+        if kwargs is not None:
+            out["vision"] = grid, kwargs
+    return out
+
+
+def distinct_rows(image_index):
+    """For image_index (the distinct image each image row reads), the first row of each distinct image."""
+    first = {}
+    for row, i in enumerate(image_index.tolist()):
+        first.setdefault(i, row)
+    return [first[i] for i in range(len(first))]
+
+
+def shared_image_features(inner, image_index, image_grid_thw, vision=None):
     """Context: the model's vision tower runs once per distinct image of a batch from collate(share_images=True)
     (pixel_values holds each image once) and every row of that image reads the same features. The G rows of a
     prompt share its image, so this saves (G - 1) / G of the vision work, forward and backward; the gradient is
     the same (each row's gradient flows back into the shared features and adds up there). Everything else (image
-    placement, multimodal RoPE) stays the model's own forward."""
+    placement, multimodal RoPE) stays the model's own forward. `vision` (batch_on_device): the distinct images'
+    grid on the host (get_image_features splits its output by sizes read from it) and the tower's inputs
+    precomputed from it."""
     import contextlib
-    if image_index is None:
+    if image_index is None and vision is None:
         return contextlib.nullcontext()
-    first = {}
-    for row, i in enumerate(image_index.tolist()):
-        first.setdefault(i, row)
-    distinct_grid = image_grid_thw[[first[i] for i in range(len(first))]]
     vision_features = inner.get_image_features
+    rows = None if image_index is None else image_index.tolist()
+    if vision is not None:
+        distinct_grid, precomputed = vision
+    else:
+        distinct_grid, precomputed = image_grid_thw[distinct_rows(image_index)], {}
 
     def features(pixel_values, image_grid_thw=None, **kwargs):
-        out = vision_features(pixel_values, distinct_grid, **kwargs)
-        out.pooler_output = tuple(out.pooler_output[i] for i in image_index.tolist())
+        out = vision_features(pixel_values, distinct_grid, **kwargs, **precomputed)
+        if rows is not None:
+            out.pooler_output = tuple(out.pooler_output[i] for i in rows)
         return out
 
     @contextlib.contextmanager
@@ -163,8 +278,9 @@ def with_blank_image(batch, config):
     row, attn = torch.zeros_like(ids[:1]), torch.zeros_like(batch["attention_mask"][:1])
     row[0, P - 3:P] = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
     attn[0, P - 3:P] = 1
-    out = {**batch, "input_ids": torch.cat([ids, row]), "attention_mask": torch.cat([batch["attention_mask"], attn]),
-           "completion_mask": torch.cat([completion_mask, torch.zeros_like(completion_mask[:1])])}
+    out = {k: v for k, v in batch.items() if k not in ("position_ids", "vision")}  # of the rows without it
+    out.update({"input_ids": torch.cat([ids, row]), "attention_mask": torch.cat([batch["attention_mask"], attn]),
+                "completion_mask": torch.cat([completion_mask, torch.zeros_like(completion_mask[:1])])})
     if "mm_token_type_ids" in batch:
         types = torch.zeros_like(row)
         types[0, P - 2] = 1
@@ -186,19 +302,6 @@ def outside_nucleus(logits, top_p):
     return drop.scatter(-1, order, drop)
 
 
-def float32_head(head):
-    """Makes the LM head (an nn.Linear) compute its logits in float32: bf16 logits round the log-probs (measured
-    0.002 mean / 0.013 max nats/token on a tiny model). bf16 weights and inputs are exact in float32, so only the
-    output's rounding goes; they are exact in TF32 too (8 significant bits of its 11), which main.py allows on
-    GPUs: tensor-core speed, float32 accumulation. It stays a call of the module, so ZeRO-3's hooks still gather
-    its weight."""
-    def forward(h):
-        bias = None if head.bias is None else head.bias.float()
-        return torch.nn.functional.linear(h.float(), head.weight.float(), bias)
-    head.forward = forward
-    return head
-
-
 class LogProbModel(torch.nn.Module):
     """The policy (or reference) as DeepSpeed wraps it: forward(batch) -> (B, C) completion log-probs of the
     Hugging Face model inside (`.model`). Every training forward must be a call of DeepSpeed's engine: in
@@ -211,7 +314,7 @@ class LogProbModel(torch.nn.Module):
         self.model, self.config = model, model.config
         self.temperature, self.suppressed_ids, self.top_p = temperature, tuple(suppressed_ids), top_p
         self.blank_image = blank_image  # several ranks: see with_blank_image
-        float32_head(model.get_output_embeddings())
+        scoring_head(model.get_output_embeddings())  # transformers' generate gets float32 logits too
 
     def forward(self, batch):
         return completion_logprobs(self.model, batch, self.temperature, self.suppressed_ids, self.top_p,
@@ -309,14 +412,16 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
              for i in range(0, len(completions), cfg.micro_batch_size)]
     batches = [collate([flat_prompts[i] for i in idx], [completions[i] for i in idx], pad_id, share_images=True)
                for idx in micro]
-    batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches]
+    seq_tokens = float(sum(b["attention_mask"].sum() for b in batches)) * cfg.mu  # prompts too
+    inner = accelerator.unwrap_model(model).model.model
+    batches = [batch_on_device(inner, b, accelerator.device) for b in batches]
     n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for c in completions)),
                                                device=accelerator.device), "mean").item()
     with torch.no_grad():  # the sampling policy (frozen before the first update of this batch) and the reference
         old_logps = [model(b) if cfg.mu > 1 else None for b in batches]
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
     sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
-    sums["seq_tokens"] = float(sum(b["attention_mask"].sum().item() for b in batches)) * cfg.mu  # prompts too
+    sums["seq_tokens"] = seq_tokens
     clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
     model.train()
     for it in range(cfg.mu):

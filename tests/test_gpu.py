@@ -27,3 +27,64 @@ def test_one_gpu_colocate_run_keeps_vllm_in_step_with_the_trainer(tmp_path):
     assert all(m["sampler_logp_diff"] < 0.02 for m in ms), [m["sampler_logp_diff"] for m in ms]
     assert ms[-1]["peak_mem_gb"] > 0
     assert [m["step"] for m in ms if "eval_accuracy" in m] == [3, 6]
+
+
+def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16():
+    """trainer.TokenLogProbs on bf16 CUDA tensors (torch.mm with a float32 output, backward GEMMs in bf16): log-probs
+    within float32 round-off of a float64 head, gradients within bf16 round-off of float64 autograd, top-p, the
+    temperature and suppressed tokens included."""
+    import torch
+    from trainer import TokenLogProbs, scored_logits
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(300, 256, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(5000, 256, device="cuda", generator=g) * 0.1).bfloat16().requires_grad_()
+    targets = torch.randint(0, 5000, (300,), device="cuda", generator=g)
+    suppressed = torch.tensor([3, 7], device="cuda")
+    targets[targets == 3] = 4
+    targets[targets == 7] = 8
+    seed = torch.randn(300, device="cuda", generator=g)
+    for top_p in (1.0, 0.9):
+        logp = TokenLogProbs.apply(h, weight, targets, 0.7, suppressed, top_p)
+        grads = torch.autograd.grad((logp * seed).sum(), (h, weight))
+        h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        z = scored_logits(h64, w64, targets, 0.7, suppressed, top_p)  # the same masks, in float64
+        want = z.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        wants = torch.autograd.grad((want * seed).sum(), (h64, w64))
+        assert logp.dtype == torch.float32 and (logp.double() - want).abs().max() < 1e-4
+        for got, exact in zip(grads, wants):
+            assert got.dtype == torch.bfloat16
+            rel = (got.double() - exact).norm() / exact.norm()
+            assert rel < 1e-2, rel
+
+
+def test_a_micro_batch_reads_the_device_a_few_times_only(tiny_qwen2_vl):
+    """A LogProbModel forward and backward of a batch from trainer.batch_on_device synchronises with the GPU at
+    most 3 times (each read of a device value stalls its queue): RoPE positions and the vision tower's inputs come
+    from the host. The same batch moved as it is: every vision block of every pass reads the device."""
+    import warnings
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from trainer import LogProbModel, batch_on_device
+    from utils import build_prompt, collate, make_counting_dataset
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16).cuda()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    prompts = [build_prompt(processor, r, Config(model="tiny")) for r in make_counting_dataset(2, seed=6)]
+    batch = collate([p for p in prompts for _ in range(4)], [[5, 6, 7]] * 8, processor.tokenizer.pad_token_id,
+                    share_images=True)
+    scorer = LogProbModel(model)
+    counts = []
+    for ready in (batch_on_device(model.model, batch, "cuda"), {k: v.cuda() for k, v in batch.items()}):
+        scorer(ready).sum().backward()  # compiles nothing, warms the kernels up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                scorer(ready).sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+    assert counts[0] <= 3 and counts[1] >= 2 * model.config.vision_config.depth + 4, counts

@@ -234,10 +234,12 @@ def test_logprobs_and_gradient_match_the_full_logits(tiny_batch, temperature, ch
             torch.testing.assert_close(grads_ours[n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
 
 
-def naive_nucleus_logprobs(model, batch, temperature, top_p):
+def naive_nucleus_logprobs(model, batch, temperature, top_p, suppressed=()):
     """Full logits, then per position: keep the most likely tokens until their mass reaches top_p, renormalise."""
     inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
     logits = model(**inputs).logits.double() / temperature
+    if suppressed:
+        logits[..., list(suppressed)] = float("-inf")
     C, L = batch["completion_mask"].shape[1], batch["input_ids"].shape[1]
     out = torch.zeros(logits.shape[0], C, dtype=torch.float64)
     for i in range(logits.shape[0]):
@@ -252,6 +254,7 @@ def naive_nucleus_logprobs(model, batch, temperature, top_p):
                 if mass >= top_p:
                     break
             kept.append(batch["input_ids"][i, pos].item())  # the scored token always counts (sampled, so kept)
+            kept = list(dict.fromkeys(kept))  # once each: a repeated index would count its gradient twice
             row = torch.full_like(logits[i, pos - 1], float("-inf"))
             row[kept] = logits[i, pos - 1, kept]
             out[i, t] = row.log_softmax(-1)[batch["input_ids"][i, pos]]
@@ -278,6 +281,22 @@ def test_top_p_logprobs_are_those_of_the_nucleus(tiny_batch):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_top_p_gradient_is_that_of_the_nucleus(tiny_batch):
+    """The head's backward (trainer.TokenLogProbs: logits recomputed, the nucleus masked again) gives every
+    parameter the gradient of the naive nucleus log-probs."""
+    model, batch = tiny_batch
+    mask = batch["completion_mask"]
+    grads = []
+    for fn in (lambda: completion_logprobs(model, batch, 0.7, (5, 6), top_p=0.8, chunk_tokens=4),
+               lambda: naive_nucleus_logprobs(model, batch, 0.7, 0.8, suppressed=(5, 6))):
+        model.zero_grad()
+        (fn() * mask * torch.arange(1, 4, dtype=torch.float64)[:, None]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".visual." in f".{n}" for n in grads[0])
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-7, atol=1e-9, msg=n)
+
+
 def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batch):
     """A bf16 model: LogProbModel's head computes float32 logits from the bf16 hidden states and weights (exact
     inputs), so its log-probs match a float64 head to float32 round-off; bf16 logits were off by ~1e-3."""
@@ -289,16 +308,20 @@ def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batc
              for k, v in batch.items()}
     mask = batch["completion_mask"]
     C = mask.shape[1]
+    targets = batch["input_ids"][:, -C:, None]
     with torch.no_grad():
-        bf16_head = completion_logprobs(model, batch)  # the head as the model ships it
-        ours = LogProbModel(model)(batch)
         inputs = {k: v for k, v in batch.items() if k != "completion_mask"}
-        hidden = model.model(**inputs).last_hidden_state[:, -C - 1:-1].double()
-        want = (hidden @ model.lm_head.weight.double().T).log_softmax(-1)
-        want = want.gather(-1, batch["input_ids"][:, -C:, None])[..., 0]
+        hidden = model.model(**inputs).last_hidden_state[:, -C - 1:-1]
+        bf16_head = model.lm_head(hidden).float().log_softmax(-1).gather(-1, targets)[..., 0]  # as the model ships
+        ours = LogProbModel(model)(batch)
+        want = (hidden.double() @ model.lm_head.weight.double().T).log_softmax(-1).gather(-1, targets)[..., 0]
+        logits = model.lm_head(hidden)  # after LogProbModel: float32 for transformers' generate too
     err = ((ours.double() - want) * mask).abs().max().item()
     assert err < 1e-5, err
     assert ((bf16_head.double() - want) * mask).abs().max().item() > 1e-4, "bf16 logits are coarse: the test sees it"
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double().log_softmax(-1).gather(-1, targets)[..., 0] * mask, want * mask,
+                               rtol=0, atol=1e-5)
 
 
 def test_shared_images_give_the_same_logprobs_and_gradients(tiny_qwen2_vl):
@@ -362,3 +385,57 @@ def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
     ours = rope_positions(inner, inputs)
     assert own.shape == (3, 3, inputs["input_ids"].shape[1]) and torch.equal(ours, own)
     assert not torch.equal(own[1], own[0]), "the image's height/width positions differ from the text's"
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradients(tmp_path, kind):
+    """trainer.batch_on_device computes, from the host copies, what the forward would read from the device (on a
+    GPU each read stalls the queue): the RoPE positions and the vision tower's patch positions and per-image (and
+    Qwen2.5-VL: per-window) spans. Log-probs and every gradient equal the model's own forward; corrupting a
+    precomputed input changes them (so they are what the forward used)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from trainer import batch_on_device
+    from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
+    path = build_tiny_model(str(tmp_path / kind), kind)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    processor = AutoProcessor.from_pretrained(path)
+    cfg = Config(model="tiny", min_pixels=28 * 28 * 16, max_pixels=28 * 28 * 30)  # several windows an image
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    rows = make_counting_dataset(4, seed=4)
+    rows[2]["image"] = None
+    rows[0]["image"] = rows[0]["image"].resize((rows[0]["image"].width * 2, rows[0]["image"].height // 2))
+    prompts = [p for p in (build_prompt(processor, r, cfg) for r in rows) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    completions = [torch.randint(0, 400, (n,), generator=g).tolist() for n in (3, 5, 2, 6, 4, 1, 5, 3)]
+    batch = collate(prompts, completions, processor.tokenizer.pad_token_id, share_images=True)
+    assert len(set(map(tuple, batch["image_grid_thw"].tolist()))) > 1, "images of different sizes"
+    ready = batch_on_device(model.model, batch, "cpu")
+    grid, kwargs = ready["vision"]
+    assert "position_ids" in ready and kwargs["cu_seqlens"].shape[0] == grid.shape[0] + 1 == 4
+    if kind == "qwen2_5_vl":
+        assert kwargs["cu_window_seqlens"].shape[0] > grid.shape[0] + 1, "windows smaller than the images"
+    mask = batch["completion_mask"]
+
+    def logprobs_and_grads(b):
+        model.zero_grad()
+        logp = completion_logprobs(model, b)
+        (logp * mask * torch.arange(1, 9, dtype=torch.float64)[:, None]).sum().backward()
+        return logp * mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    own, ours = logprobs_and_grads(batch), logprobs_and_grads(ready)
+    torch.testing.assert_close(ours[0], own[0], rtol=1e-9, atol=1e-9)
+    assert any(".visual." in f".{n}" for n in own[1]) and own[1].keys() == ours[1].keys()
+    for n in own[1]:
+        torch.testing.assert_close(ours[1][n], own[1][n], rtol=1e-7, atol=1e-9, msg=n)
+    for key in ("position_ids", "cu_seqlens") + (("window_index",) if kind == "qwen2_5_vl" else ()):
+        broken = dict(kwargs)
+        broken[key] = kwargs[key].flip(0) if key != "cu_seqlens" else torch.tensor([0, kwargs[key][-1]],
+                                                                                     dtype=kwargs[key].dtype)
+        with torch.no_grad():
+            wrong = completion_logprobs(model, {**ready, "vision": (grid, broken)}) * mask
+        assert (wrong - own[0]).abs().max() > 1e-6, f"the precomputed {key} is not what the forward used"
+    with torch.no_grad():  # and the text positions
+        wrong = completion_logprobs(model, {**ready, "position_ids": ready["position_ids"] * 0}) * mask
+    assert (wrong - own[0]).abs().max() > 1e-6
