@@ -10,6 +10,7 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
 """
 import dataclasses
 import json
+import math
 import os
 import pickle
 import shutil
@@ -101,22 +102,42 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
     return torch.cat(out, dim=1)
 
 
-def scoring_head(head):
+def scoring_head(head, compiled=False):
     """Makes the LM head (an nn.Linear without bias; idempotent) compute in float32 and score tokens:
     head(h) -> float32 logits (transformers' generate samples from these); head(h (N, H), targets (N,),
     temperature, suppressed, top_p) -> (N,) log-probs of the targets (TokenLogProbs). It stays a module call, so
-    ZeRO-3's hooks still gather its weight."""
+    ZeRO-3's hooks still gather its weight. compiled: the passes over the (N, vocab) logits as single kernels
+    (torch.compile; CUDA only), the first call compiling them."""
     if getattr(head, "scores_tokens", False):
         return head
     if head.bias is not None:
         raise ValueError("the LM head has a bias: trainer.scoring_head does not add it")
+    kernels = (logsumexp, logits_gradient)
+    if compiled:
+        kernels = tuple(torch.compile(k, dynamic=True) for k in kernels)
 
     def forward(h, targets=None, temperature=1.0, suppressed=None, top_p=1.0):
         if targets is None:
             return float32_logits(h.reshape(-1, h.shape[-1]), head.weight).view(*h.shape[:-1], -1)
-        return TokenLogProbs.apply(h, head.weight, targets, temperature, suppressed, top_p)
+        return TokenLogProbs.apply(h, head.weight, targets, temperature, suppressed, top_p,
+                                   kernels if h.is_cuda else (logsumexp, logits_gradient))
     head.forward, head.scores_tokens = forward, True
     return head
+
+
+def logsumexp(z):
+    return torch.logsumexp(z, -1)
+
+
+def logits_gradient(z, lse, g, targets, temperature, dtype):
+    """d(sum g log softmax(z / T)[target]) / dz for logits z already divided by T (masked entries -inf): g
+    (onehot(target) - softmax) / T, in `dtype`. Compiled: one pass over z; eager: in place in z."""
+    scale = (g / temperature)[:, None]
+    if torch.compiler.is_compiling():
+        onehot = torch.arange(z.shape[-1], device=z.device)[None, :] == targets[:, None]
+        return ((onehot.to(z.dtype) - (z - lse[:, None]).exp()) * scale).to(dtype)
+    grad = z.sub_(lse[:, None]).exp_().mul_(-scale)
+    return grad.scatter_add_(-1, targets[:, None], scale.to(grad.dtype)).to(dtype)
 
 
 def float32_logits(h, weight):
@@ -147,31 +168,28 @@ def scored_logits(h, weight, targets, temperature, suppressed, top_p):
 
 class TokenLogProbs(torch.autograd.Function):
     """log softmax(scored_logits)[target] per row, without keeping the (N, V) logits for backward: forward keeps
-    their logsumexp, backward recomputes them (one GEMM) and forms the logits' gradient in place, g (onehot(target)
-    - softmax) / temperature (masked tokens: softmax 0). Fewer passes over N x V than autograd through
-    log_softmax and gather under checkpointing, and no second (N, V) tensor. Backward's GEMMs run in the weight's
-    dtype (bf16 on a GPU, like every other layer's)."""
+    their logsumexp, backward recomputes them (one GEMM) and forms their gradient, g (onehot(target) - softmax) /
+    temperature (masked tokens: softmax 0). Fewer passes over N x V than autograd through log_softmax and gather
+    under checkpointing, and no second (N, V) float32 tensor. Backward's GEMMs run in the weight's dtype (bf16 on
+    a GPU, like every other layer's). `kernels`: (logsumexp, logits_gradient), compiled or not."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, suppressed, top_p):
+    def forward(ctx, h, weight, targets, temperature, suppressed, top_p, kernels):
         z = scored_logits(h, weight, targets, temperature, suppressed, top_p)
-        lse = torch.logsumexp(z, -1)
+        lse = kernels[0](z)
         ctx.save_for_backward(h, weight, targets, lse, suppressed)
-        ctx.temperature, ctx.top_p = temperature, top_p
+        ctx.temperature, ctx.top_p, ctx.kernels = temperature, top_p, kernels
         return z.gather(-1, targets[:, None])[:, 0] - lse
 
     @staticmethod
     def backward(ctx, g):
         h, weight, targets, lse, suppressed = ctx.saved_tensors
         z = scored_logits(h, weight, targets, ctx.temperature, suppressed, ctx.top_p)
-        grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g softmax
-        grad.scatter_add_(-1, targets[:, None], g[:, None].to(grad.dtype))  # + g at the target
-        if ctx.temperature != 1:
-            grad.div_(ctx.temperature)
-        grad = grad.to(h.dtype)
+        grad = ctx.kernels[1](z, lse, g, targets, ctx.temperature, h.dtype)
+        del z
         grad_h = grad @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
-        return grad_h, grad_weight, None, None, None, None
+        return grad_h, grad_weight, None, None, None, None, None
 
 
 def rope_positions(inner, inputs):
@@ -309,12 +327,12 @@ class LogProbModel(torch.nn.Module):
     gradient to the ones before instead of overwriting them. Calling the inner model directly made every step
     apply only the last micro-batch's gradient (tests/test_gradients.py)."""
 
-    def __init__(self, model, temperature=1.0, suppressed_ids=(), top_p=1.0, blank_image=False):
+    def __init__(self, model, temperature=1.0, suppressed_ids=(), top_p=1.0, blank_image=False, compiled=False):
         super().__init__()
         self.model, self.config = model, model.config
         self.temperature, self.suppressed_ids, self.top_p = temperature, tuple(suppressed_ids), top_p
         self.blank_image = blank_image  # several ranks: see with_blank_image
-        scoring_head(model.get_output_embeddings())  # transformers' generate gets float32 logits too
+        scoring_head(model.get_output_embeddings(), compiled)  # transformers' generate gets float32 logits too
 
     def forward(self, batch):
         return completion_logprobs(self.model, batch, self.temperature, self.suppressed_ids, self.top_p,
@@ -423,6 +441,7 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
     sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
     sums["seq_tokens"] = seq_tokens
     clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
+    norms = []  # each optimizer step's gradient norm (before clipping)
     model.train()
     for it in range(cfg.mu):
         for j, (idx, b) in enumerate(zip(micro, batches)):
@@ -440,18 +459,32 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
                                      cfg.loss_type, cfg.max_completion_length,
                                      num_sequences=len(completions), num_tokens=n_tokens, is_weight=weight)
                 # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
-                accelerator.backward(loss * len(micro))
+                accelerator.backward(loss * len(micro))  # DeepSpeed steps in here at the last micro-batch
+                norm = None
                 if clip_here and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    if norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed's, taken to clip
+                        norm = model.get_global_grad_norm()
+                    norms += [] if norm is None else [norm]
             # summed where they are and read once at the end: a read per micro-batch would stall the GPU's queue
             sums["loss"] += loss.detach() / cfg.mu
             for k in ("tokens", "clipped", "kl"):
                 sums[k] += st[k] / cfg.mu
             if it == 0:  # the trainer's and the sampler's view of the same tokens
                 sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum()
-    return {k: float(v) for k, v in sums.items()}
+    norms = [float(n) for n in norms]
+    if any(not math.isfinite(n) or n < 0 for n in norms):  # DeepSpeed: < 0 marks a non-finite norm
+        raise FloatingPointError(
+            f"the gradient is not finite (norm {norms}; loss {float(sums['loss'])}): this step's weights are not saved. "
+            "Resume from the last checkpoint (--resume auto) once the cause is found (a learning rate too high, a "
+            "sampled token the trainer scores -inf)")
+    out = {k: float(v) for k, v in sums.items()}
+    if norms:
+        out["grad_norm"] = sum(norms) / len(norms)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,8 +549,11 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)
         t_rew = time.time()
-        sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
-                             sampler_logps, tok.pad_token_id, tis_cap)
+        try:
+            sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
+                                 sampler_logps, tok.pad_token_id, tis_cap)
+        except FloatingPointError as e:  # main.py prints it once
+            raise FloatingPointError(f"step {step}: {e}") from None
         t_train = time.time()
         try:  # the engine must be done before the weight copy (and a checkpoint)
             pending = next_batch and next_batch()
@@ -560,6 +596,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
              "skipped_rows": sum(sampler.skipped.values()),
              # mean |log p_sampler - log p_trainer| per sampled token: ~0 when both score the same distribution
              "sampler_logp_diff": tot[4] / n_tok}
+        if "grad_norm" in sums:  # of the whole batch (every rank's, before clipping): the same on each rank
+            m["grad_norm"] = sums["grad_norm"]
         if tis_cap:
             m["tis_capped_frac"] = tot[6] / n_tok  # tokens whose importance weight hit the cap
         if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:

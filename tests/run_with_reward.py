@@ -21,5 +21,15 @@ def raising_reward(completions, **columns):
 
 
 main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward)
+
+if os.environ.get("NAN_LOSS_AT_CALL"):  # a fault to test the non-finite gradient guard: the Nth loss is NaN
+    import trainer
+    calls, loss_fn = [0], trainer.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        calls[0] += 1
+        loss, stats = loss_fn(*args, **kwargs)
+        return (loss * float("nan") if calls[0] == int(os.environ["NAN_LOSS_AT_CALL"]) else loss), stats
+    trainer.grpo_loss = nan_loss
 if __name__ == "__main__":
     main.cli()

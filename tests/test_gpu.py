@@ -29,12 +29,16 @@ def test_one_gpu_colocate_run_keeps_vllm_in_step_with_the_trainer(tmp_path):
     assert [m["step"] for m in ms if "eval_accuracy" in m] == [3, 6]
 
 
-def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16():
-    """trainer.TokenLogProbs on bf16 CUDA tensors (torch.mm with a float32 output, backward GEMMs in bf16): log-probs
-    within float32 round-off of a float64 head, gradients within bf16 round-off of float64 autograd, top-p, the
-    temperature and suppressed tokens included."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16(compiled):
+    """trainer.TokenLogProbs on bf16 CUDA tensors (torch.mm with a float32 output, backward GEMMs in bf16), its
+    passes over the logits compiled or eager: log-probs within float32 round-off of a float64 head, gradients
+    within bf16 round-off of float64 autograd, top-p, the temperature and suppressed tokens included."""
     import torch
-    from trainer import TokenLogProbs, scored_logits
+    from trainer import TokenLogProbs, logits_gradient, logsumexp, scored_logits
+    kernels = (logsumexp, logits_gradient)
+    if compiled:
+        kernels = tuple(torch.compile(k, dynamic=True) for k in kernels)
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(300, 256, device="cuda", generator=g).bfloat16().requires_grad_()
     weight = (torch.randn(5000, 256, device="cuda", generator=g) * 0.1).bfloat16().requires_grad_()
@@ -44,7 +48,7 @@ def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16():
     targets[targets == 7] = 8
     seed = torch.randn(300, device="cuda", generator=g)
     for top_p in (1.0, 0.9):
-        logp = TokenLogProbs.apply(h, weight, targets, 0.7, suppressed, top_p)
+        logp = TokenLogProbs.apply(h, weight, targets, 0.7, suppressed, top_p, kernels)
         grads = torch.autograd.grad((logp * seed).sum(), (h, weight))
         h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
         z = scored_logits(h64, w64, targets, 0.7, suppressed, top_p)  # the same masks, in float64
@@ -72,7 +76,8 @@ def test_a_micro_batch_reads_the_device_a_few_times_only(tiny_qwen2_vl):
     model.train()
     processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
     prompts = [build_prompt(processor, r, Config(model="tiny")) for r in make_counting_dataset(2, seed=6)]
-    batch = collate([p for p in prompts for _ in range(4)], [[5, 6, 7]] * 8, processor.tokenizer.pad_token_id,
+    words = processor.tokenizer.encode("one two three")  # no image token among them
+    batch = collate([p for p in prompts for _ in range(4)], [words] * 8, processor.tokenizer.pad_token_id,
                     share_images=True)
     scorer = LogProbModel(model)
     counts = []
@@ -88,3 +93,20 @@ def test_a_micro_batch_reads_the_device_a_few_times_only(tiny_qwen2_vl):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in seen))
     assert counts[0] <= 3 and counts[1] >= 2 * model.config.vision_config.depth + 4, counts
+
+
+def test_a_non_finite_gradient_stops_a_bf16_zero2_run(tmp_path):
+    """On a GPU the update is bf16 ZeRO-2 with DeepSpeed's per-tensor overflow check off (main.py): step 2's NaN
+    loss (injected by run_with_reward.py) still stops the run there, from the norm DeepSpeed clips with, with one
+    message and step 1's checkpoint kept."""
+    out = str(tmp_path / "nan")
+    p = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes",
+             "1", "tests/run_with_reward.py", "--model", "tiny", "--rollout", "hf", "--rewards", "uppercase",
+             "--output_dir", out, "--steps", "3", "--save_steps", "1", "--prompts_per_step", "2",
+             "--num_generations", "4", "--max_completion_length", "8", "--eval_steps", "0", "--zero_stage", "2"],
+            check=False, env={"NAN_LOSS_AT_CALL": "2", "CUDA_VISIBLE_DEVICES": os.environ.get(
+                "CUDA_VISIBLE_DEVICES", "0").split(",")[0]})
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count("step 2: the gradient is not finite") == 1, text[-3000:]
+    assert "ZeRO-2" in text and sorted(e for e in os.listdir(out) if e.startswith(("checkpoint", "final"))) == \
+        ["checkpoint-1"], text[-3000:]

@@ -74,9 +74,10 @@ def same_run(a, b):
 
 
 UNINTERRUPTED = {}
-ROLLOUTS = {"hf": ["--rollout", "hf"], "vllm": ["--rollout", "vllm"],
-            # one step ahead: a checkpoint holds the next step's batch, generated before the step's update
-            "vllm_overlap": ["--rollout", "vllm", "--overlap", "true"]}
+# hf: transformers' generate; vllm_overlap: the engine (its weight copy after a resume, its sampling seeds), one step
+# ahead: a checkpoint holds the next step's batch, generated before the step's update. Plain vllm is the second's
+# engine path without the pending batch, and the first's loop: not run again (3 minutes of CI each test)
+ROLLOUTS = {"hf": ["--rollout", "hf"], "vllm_overlap": ["--rollout", "vllm", "--overlap", "true"]}
 
 
 def uninterrupted(tmp_path_factory, rollout):

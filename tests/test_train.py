@@ -1,5 +1,6 @@
 """End to end: real tiny models, real processors, real DeepSpeed (ZeRO-3 over gloo on CPU), real processes."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -318,3 +319,23 @@ def test_an_error_on_rank_0_in_the_weight_copy_stops_every_rank_with_its_message
     text = p.stdout + p.stderr
     assert p.returncode != 0
     assert "[rank1]: RuntimeError: rank 0 stopped the run: OSError: injected failure" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("launch", ["one_process", "zero2"])
+def test_a_non_finite_gradient_stops_the_run_before_anything_is_saved(tmp_path, launch):
+    """Step 2's loss is NaN (a fault injected by run_with_reward.py), so is its gradient. The run stops at that
+    step with one message (with DeepSpeed ZeRO-2: from the norm it clips with, its per-tensor bf16 check being off
+    on GPUs) and keeps what it saved before: step 1's checkpoint, no later one, no final model."""
+    out = str(tmp_path / "nan")
+    args = ["tests/run_with_reward.py", *FAST, "--rewards", "uppercase", "--output_dir", out, "--steps", "3",
+            "--save_steps", "1", "--zero_stage", "2"]
+    if launch == "zero2":
+        args = ["-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "1",
+                "--mixed_precision", "no", *args]
+    p = run([PY, *args], check=False, env={"NAN_LOSS_AT_CALL": "2"})
+    assert p.returncode != 0
+    text = p.stdout + p.stderr
+    assert text.count("step 2: the gradient is not finite") == 1, text[-3000:]
+    assert 'main.py", line' not in text and "trainer.py" not in text, text[-3000:]  # the launcher reports the exit
+    assert [m["step"] for m in metrics(out)] == [1] and math.isfinite(metrics(out)[0]["grad_norm"])
+    assert sorted(e for e in os.listdir(out) if e.startswith(("checkpoint", "final"))) == ["checkpoint-1"]
