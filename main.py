@@ -19,7 +19,7 @@ import trainer
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
 from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, number_reward,
-                   vision_token_ids, write_jsonl)
+                   vision_token_ids, write_jsonl, write_report)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
@@ -61,7 +61,7 @@ class Config:
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: 2.8x faster updates for the 2B model on one H200); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches; ~1 min at the first step, ~10 s again at the first padded batch): true, false, auto: on GPUs unless under ZeRO-3 (true there is refused)"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits; ~1 min at the first step, ~10 s again at the first padded batch: true, false, auto: on GPUs unless under ZeRO-3 (true there is refused)"})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
     save_steps: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps (0: only the final model)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the last N checkpoints (0: all)"})
@@ -395,7 +395,7 @@ def main(cfg):
     if not stopped:
         trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
     if accelerator.is_main_process and history:
-        trainer.write_report(cfg.output_dir, history, cfg.steps)  # curves.png and report.html
+        write_report(cfg.output_dir, history, cfg.steps)  # curves.png and report.html
         if stopped:
             print(f"stopped by {signal.Signals(stopped.signum).name} after step {history[-1]['step']}: checkpoint "
                   f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, report in {cfg.output_dir}/report.html; "

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
-from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, write_jsonl
+from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, save_thumbnail, write_jsonl, write_report
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,93 +758,3 @@ def saved_state(path):
     """A checkpoint's trainer_state.json: step, num_processes, config, zero_stage (DeepSpeed's), history."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
-
-
-def plot_curves(history, path):
-    """Six panels per step, as a PNG: rewards (mean and each reward), accuracy and eval accuracy, KL, completion
-    length, clip fraction, and the step time split."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("reward", ["reward_mean"] + sorted(k for k in history[0] if k.startswith("reward/"))),
-              ("accuracy", ["accuracy", "eval_accuracy"]), ("KL to the reference", ["kl"]),
-              ("completion length (tokens)", ["completion_len_mean", "completion_len_max"]),
-              ("clipped fraction of tokens", ["clip_frac"]),
-              ("step time (s)", ["generate_s", "reward_s", "train_s", "sync_s"])]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            points = [(m["step"], m[key]) for m in history if key in m and m[key] == m[key]]
-            if points:
-                ax.plot(*zip(*points), label=key, marker="o" if key == "eval_accuracy" or len(points) < 3 else None)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_thumbnail(image, out_dir, name):
-    """A small PNG of a prompt's image in out_dir/prompt_images/ (the report and completions.jsonl point at it), or None."""
-    from utils import load_image
-    if image is None:
-        return None
-    try:
-        thumb = load_image(image, 28 * 28, 160 * 160)
-    except ValueError:
-        return None
-    os.makedirs(os.path.join(out_dir, "prompt_images"), exist_ok=True)
-    thumb.save(os.path.join(out_dir, "prompt_images", f"{name}.png"))
-    return f"prompt_images/{name}.png"
-
-
-def write_report(out_dir, history, total_steps, last_steps=10):
-    """out_dir/report.html, rewritten as the run goes and readable offline: the curves (curves.png), the latest
-    metrics, and for the last `last_steps` logged steps each prompt's image, question and solution with its
-    completions, their rewards and advantages (from completions.jsonl)."""
-    from html import escape
-    if not history:
-        return
-    plot_curves(history, os.path.join(out_dir, "curves.png"))
-    samples = []
-    if os.path.exists(os.path.join(out_dir, "completions.jsonl")):
-        with open(os.path.join(out_dir, "completions.jsonl")) as f:
-            samples = [json.loads(line) for line in f if line.strip()]
-    steps = sorted({s["step"] for s in samples}, reverse=True)[:last_steps]
-    last = history[-1]
-    fields = [k for k in ("reward_mean", "accuracy", "eval_accuracy", "kl", "completion_len_mean", "clip_frac",
-                          "step_s", "sampler_logp_diff") if k in last]
-    html = ["<!doctype html><html><head><meta charset='utf-8'><title>grpo-vl report</title><style>"
-            "body{font:14px sans-serif;margin:1.5em;max-width:1400px}td,th{border:1px solid #ccc;padding:3px 6px;"
-            "vertical-align:top;text-align:left}table{border-collapse:collapse;margin:.4em 0 1.2em}"
-            ".c{white-space:pre-wrap;font-family:monospace;max-width:700px}img.t{float:left;margin:0 1em 1em 0}"
-            ".p{overflow:hidden;border-top:1px solid #ddd;padding-top:.6em}</style></head><body>",
-            f"<h1>grpo-vl: {escape(out_dir)}</h1><p>step {last['step']} of {total_steps}</p><table><tr>"
-            + "".join(f"<th>{k}</th>" for k in fields) + "</tr><tr>"
-            + "".join(f"<td class='m'>{last[k]:.4g}</td>" for k in fields) + "</tr></table>",
-            f"<img src='curves.png?{last['step']}' alt='curves' width='100%'><h2>Samples</h2>"]
-    for step in steps:
-        html.append(f"<h3>step {step}</h3>")
-        groups = {}
-        for s in samples:
-            if s["step"] == step:
-                groups.setdefault((s.get("problem"), s.get("solution"), s.get("image")), []).append(s)
-        for (problem, solution, image), group in groups.items():
-            rewards = [k for k in group[0] if k not in ("step", "problem", "solution", "image", "completion",
-                                                        "advantage")]
-            html.append("<div class='p'>" + (f"<img class='t' src='{escape(image)}' alt='prompt image'>" if image else "")
-                        + f"<p><b>question</b> {escape(str(problem))}</p><p><b>solution</b> {escape(str(solution))}"
-                        "</p><table><tr><th>completion</th>" + "".join(f"<th>{escape(k)}</th>" for k in rewards)
-                        + "<th>advantage</th></tr>")
-            for s in group:
-                html.append(f"<tr><td class='c'>{escape(s['completion'])}</td>"
-                            + "".join(f"<td>{s[k]:.3f}</td>" if isinstance(s[k], float) else f"<td>{s[k]}</td>"
-                                      for k in rewards) + f"<td>{s['advantage']:+.3f}</td></tr>")
-            html.append("</table></div>")
-    html.append("</body></html>")
-    with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:
-        f.write("\n".join(html))
-    os.replace(os.path.join(out_dir, "report.html.tmp"), os.path.join(out_dir, "report.html"))  # never half-written
