@@ -386,7 +386,7 @@ def main(cfg):
                                 overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
     except trainer.Stopped as e:
         history, stopped = e.history, e
-    except FloatingPointError as e:  # every rank has the same global norm, so each stops here
+    except trainer.NonFiniteGradient as e:  # every rank has the same global norm, so each stops here
         user_error(str(e))
     finally:
         if llm is not None:

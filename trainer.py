@@ -77,9 +77,9 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
     masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored.
-    Runs the backbone once, then the LM head (scoring_head) over chunks of about chunk_tokens (row, position)
-    pairs: no (B, C, vocab) tensor ever exists, in forward or backward, and the head's memory stays the same for
-    any micro-batch size. `blank_image`: see with_blank_image."""
+    Runs the backbone once, then the LM head (scoring_head) over chunks of chunk_tokens (row, position) pairs: no
+    (B, C, vocab) tensor ever exists, in forward or backward, and the head's memory stays the same for any
+    micro-batch size. `blank_image`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
     if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
         batch = with_blank_image(batch, model.config)
@@ -93,21 +93,19 @@ def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=
     targets = batch["input_ids"][:B, -C:]
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=targets.device) if suppressed_ids else None
     head = scoring_head(model.get_output_embeddings())
-    out = []
-    width = max(1, chunk_tokens // B)  # positions per chunk: about chunk_tokens rows of logits, whatever B is
-    for s in range(0, C, width):
-        h, t = hidden[:, s:s + width], targets[:, s:s + width]
-        logp = head(h.reshape(-1, h.shape[-1]), t.reshape(-1), temperature, suppressed, top_p)  # a module call:
-        out.append(logp.view(B, -1))  # ZeRO-3's hooks gather the head's weight (forward and backward)
-    return torch.cat(out, dim=1)
+    # one module call, whatever the lengths: under ZeRO-3 each call gathers the head's weight with every rank, so
+    # a call per chunk would pair one rank's extra gathers with another rank's other modules (a hang)
+    logp = head(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), temperature, suppressed, top_p,
+                chunk_tokens)
+    return logp.view(B, C)
 
 
 def scoring_head(head, compiled=False):
     """Makes the LM head (an nn.Linear without bias; idempotent) compute in float32 and score tokens:
     head(h) -> float32 logits (transformers' generate samples from these); head(h (N, H), targets (N,),
-    temperature, suppressed, top_p) -> (N,) log-probs of the targets (TokenLogProbs). It stays a module call, so
-    ZeRO-3's hooks still gather its weight. compiled: the passes over the (N, vocab) logits as single kernels
-    (torch.compile; CUDA only), the first call compiling them."""
+    temperature, suppressed, top_p, chunk_rows) -> (N,) log-probs of the targets (TokenLogProbs). It stays a
+    module call, so ZeRO-3's hooks still gather its weight. compiled: the passes over the (rows, vocab) logits as
+    single kernels (torch.compile; CUDA only), the first call compiling them."""
     if getattr(head, "scores_tokens", False):
         return head
     if head.bias is not None:
@@ -116,11 +114,11 @@ def scoring_head(head, compiled=False):
     if compiled:
         kernels = tuple(torch.compile(k, dynamic=True) for k in kernels)
 
-    def forward(h, targets=None, temperature=1.0, suppressed=None, top_p=1.0):
+    def forward(h, targets=None, temperature=1.0, suppressed=None, top_p=1.0, chunk_rows=4096):
         if targets is None:
             return float32_logits(h.reshape(-1, h.shape[-1]), head.weight).view(*h.shape[:-1], -1)
         return TokenLogProbs.apply(h, head.weight, targets, temperature, suppressed, top_p,
-                                   kernels if h.is_cuda else (logsumexp, logits_gradient))
+                                   kernels if h.is_cuda else (logsumexp, logits_gradient), chunk_rows)
     head.forward, head.scores_tokens = forward, True
     return head
 
@@ -167,29 +165,46 @@ def scored_logits(h, weight, targets, temperature, suppressed, top_p):
 
 
 class TokenLogProbs(torch.autograd.Function):
-    """log softmax(scored_logits)[target] per row, without keeping the (N, V) logits for backward: forward keeps
-    their logsumexp, backward recomputes them (one GEMM) and forms their gradient, g (onehot(target) - softmax) /
-    temperature (masked tokens: softmax 0). Fewer passes over N x V than autograd through log_softmax and gather
-    under checkpointing, and no second (N, V) float32 tensor. Backward's GEMMs run in the weight's dtype (bf16 on
-    a GPU, like every other layer's). `kernels`: (logsumexp, logits_gradient), compiled or not."""
+    """log softmax(scored_logits)[target] of each row of h, chunk_rows rows of logits at a time, without keeping
+    them for backward: forward keeps their logsumexp, backward recomputes each chunk's logits (one GEMM) and forms
+    their gradient, g (onehot(target) - softmax) / temperature (masked tokens: softmax 0). Fewer passes over
+    rows x vocab than autograd through log_softmax and gather under checkpointing, and no second (rows, vocab)
+    float32 tensor. Backward's GEMMs run in the weight's dtype (bf16 on a GPU, like every other layer's), the
+    weight's gradient summed over the chunks in float32. `kernels`: (logsumexp, logits_gradient), compiled or
+    not."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, temperature, suppressed, top_p, kernels):
-        z = scored_logits(h, weight, targets, temperature, suppressed, top_p)
-        lse = kernels[0](z)
+    def forward(ctx, h, weight, targets, temperature, suppressed, top_p, kernels, chunk_rows):
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=dtype, device=h.device)
+        lse = torch.empty_like(out)
+        for s in range(0, h.shape[0], chunk_rows):
+            t = targets[s:s + chunk_rows]
+            z = scored_logits(h[s:s + chunk_rows], weight, t, temperature, suppressed, top_p)
+            lse[s:s + chunk_rows] = kernels[0](z)
+            out[s:s + chunk_rows] = z.gather(-1, t[:, None])[:, 0] - lse[s:s + chunk_rows]
         ctx.save_for_backward(h, weight, targets, lse, suppressed)
-        ctx.temperature, ctx.top_p, ctx.kernels = temperature, top_p, kernels
-        return z.gather(-1, targets[:, None])[:, 0] - lse
+        ctx.temperature, ctx.top_p, ctx.kernels, ctx.chunk_rows = temperature, top_p, kernels, chunk_rows
+        return out
 
     @staticmethod
     def backward(ctx, g):
         h, weight, targets, lse, suppressed = ctx.saved_tensors
-        z = scored_logits(h, weight, targets, ctx.temperature, suppressed, ctx.top_p)
-        grad = ctx.kernels[1](z, lse, g, targets, ctx.temperature, h.dtype)
-        del z
-        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ h if ctx.needs_input_grad[1] else None
-        return grad_h, grad_weight, None, None, None, None, None
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        for s in range(0, h.shape[0], ctx.chunk_rows):
+            rows, t = slice(s, s + ctx.chunk_rows), targets[s:s + ctx.chunk_rows]
+            z = scored_logits(h[rows], weight, t, ctx.temperature, suppressed, ctx.top_p)
+            grad = ctx.kernels[1](z, lse[rows], g[rows], t, ctx.temperature, h.dtype)
+            del z
+            if grad_h is not None:
+                grad_h[rows] = grad @ weight
+            if ctx.needs_input_grad[1]:  # (V, H), summed over the chunks in float32 (float64 stays)
+                part = grad.t() @ h[rows]
+                grad_weight = part.to(lse.dtype) if grad_weight is None else grad_weight.add_(part)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_h, grad_weight, None, None, None, None, None, None
 
 
 def rope_positions(inner, inputs):
@@ -440,7 +455,7 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
     sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
     sums["seq_tokens"] = seq_tokens
-    clip_here = cfg.max_grad_norm > 0 and accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself
+    norm_here = accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself, and takes the norm to
     norms = []  # each optimizer step's gradient norm (before clipping)
     model.train()
     for it in range(cfg.mu):
@@ -461,26 +476,26 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
                 # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
                 accelerator.backward(loss * len(micro))  # DeepSpeed steps in here at the last micro-batch
                 norm = None
-                if clip_here and accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if norm_here and accelerator.sync_gradients:  # max_grad_norm 0: the norm only (no clipping)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad()
                 if accelerator.sync_gradients:
                     if norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed's, taken to clip
                         norm = model.get_global_grad_norm()
-                    norms += [] if norm is None else [norm]
+                    if norm is not None:
+                        norms.append(float(norm))  # a read of the device, once per optimizer step
+                        if not math.isfinite(norms[-1]) or norms[-1] < 0:  # DeepSpeed: < 0 marks a non-finite norm
+                            raise NonFiniteGradient(
+                                f"the gradient is not finite (norm {norms[-1]}; loss {float(loss.detach())}): this "
+                                "step's weights are not saved. Resume from the last checkpoint (--resume auto) once "
+                                "the cause is found (a learning rate too high, a sampled token scored -inf)")
             # summed where they are and read once at the end: a read per micro-batch would stall the GPU's queue
             sums["loss"] += loss.detach() / cfg.mu
             for k in ("tokens", "clipped", "kl"):
                 sums[k] += st[k] / cfg.mu
             if it == 0:  # the trainer's and the sampler's view of the same tokens
                 sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum()
-    norms = [float(n) for n in norms]
-    if any(not math.isfinite(n) or n < 0 for n in norms):  # DeepSpeed: < 0 marks a non-finite norm
-        raise FloatingPointError(
-            f"the gradient is not finite (norm {norms}; loss {float(sums['loss'])}): this step's weights are not saved. "
-            "Resume from the last checkpoint (--resume auto) once the cause is found (a learning rate too high, a "
-            "sampled token the trainer scores -inf)")
     out = {k: float(v) for k, v in sums.items()}
     if norms:
         out["grad_norm"] = sum(norms) / len(norms)
@@ -500,6 +515,11 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
 
 
 STOP = []  # [signal, time] of the SIGINT/SIGTERM that asked this process to stop after the current step
+
+
+class NonFiniteGradient(FloatingPointError):
+    """A step's gradient norm is NaN or infinite: raised by update_policy on every rank at once (the norm is of the
+    whole batch), before that step's weights are saved."""
 
 
 class Stopped(Exception):
@@ -552,8 +572,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         try:
             sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
                                  sampler_logps, tok.pad_token_id, tis_cap)
-        except FloatingPointError as e:  # main.py prints it once
-            raise FloatingPointError(f"step {step}: {e}") from None
+        except NonFiniteGradient as e:  # every rank has the same global norm: main.py prints it once
+            raise NonFiniteGradient(f"step {step}: {e}") from None
         t_train = time.time()
         try:  # the engine must be done before the weight copy (and a checkpoint)
             pending = next_batch and next_batch()

@@ -32,11 +32,13 @@ def recording_rollout(cfg, *args, **kwargs):
 
     def cut_and_record_result(prompts, n, samples, logps):
         keep = [[max(1, len(s) - (i * n + j) % 4) for j, s in enumerate(group)] for i, group in enumerate(samples)]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 1 and os.environ.get("RANK1_MAX_TOKENS"):  # ranks of different lengths (chunk counts)
+            keep = [[min(k, int(os.environ["RANK1_MAX_TOKENS"])) for k in ks] for ks in keep]
         samples = [[s[:k] for s, k in zip(group, ks)] for group, ks in zip(samples, keep)]
         if logps is not None:
             logps = [[lp[:k] for lp, k in zip(group, ks)] for group, ks in zip(logps, keep)]
         calls[0] += 1
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         torch.save({"prompts": prompts, "samples": samples, "logps": logps},
                    os.path.join(cfg.output_dir, f"rollout-step{calls[0]}-rank{rank}.pt"))
         return samples, logps
@@ -46,6 +48,11 @@ def recording_rollout(cfg, *args, **kwargs):
 make_rollout = main.make_rollout
 main.make_rollout = recording_rollout
 main.build_optimizer = sgd
+if os.environ.get("HEAD_CHUNK_TOKENS"):  # the LM head's rows of logits at a time (4096 in main.py's runs)
+    import trainer
+    defaults = list(trainer.completion_logprobs.__defaults__)
+    defaults[3] = int(os.environ["HEAD_CHUNK_TOKENS"])  # chunk_tokens
+    trainer.completion_logprobs.__defaults__ = tuple(defaults)
 
 if __name__ == "__main__":
     main.cli()

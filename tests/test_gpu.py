@@ -48,7 +48,7 @@ def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16(compiled):
     targets[targets == 7] = 8
     seed = torch.randn(300, device="cuda", generator=g)
     for top_p in (1.0, 0.9):
-        logp = TokenLogProbs.apply(h, weight, targets, 0.7, suppressed, top_p, kernels)
+        logp = TokenLogProbs.apply(h, weight, targets, 0.7, suppressed, top_p, kernels, 128)  # 3 chunks
         grads = torch.autograd.grad((logp * seed).sum(), (h, weight))
         h64, w64 = h.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
         z = scored_logits(h64, w64, targets, 0.7, suppressed, top_p)  # the same masks, in float64

@@ -109,16 +109,16 @@ def assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, max_len, 
     return rel
 
 
-def grad_check(out, processes, loss_type, mu, beta, extra=(), steps=2, max_grad_norm=0.0, lr=LR):
+def grad_check(out, processes, loss_type, mu, beta, extra=(), steps=2, max_grad_norm=0.0, lr=LR, env=None):
     args = ["tests/grad_check.py", "--model", "tiny", "--output_dir", out, "--rewards", "uppercase",
             "--steps", str(steps), "--save_steps", "1", "--eval_steps", "0", "--prompts_per_step", str(4 // processes),
             "--num_generations", "4", "--micro_batch_size", "3", "--max_completion_length", "8",
             "--learning_rate", str(lr), "--max_grad_norm", str(max_grad_norm), "--trainable", "all",
             "--loss_type", loss_type, "--mu", str(mu), "--beta", str(beta), *extra]
     if processes == 1:
-        return run([PY, *args])
+        return run([PY, *args], env=env)
     return run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes",
-                str(processes), "--mixed_precision", "no", *args])
+                str(processes), "--mixed_precision", "no", *args], env=env, timeout=300)
 
 
 # every loss type with mu 1 and 2 and with beta 0 and > 0, on 2 ZeRO-3 processes (micro-batches of 3, 3 and 2
@@ -209,3 +209,17 @@ def test_overlapped_step_with_importance_sampling_is_the_full_batch_gradient(tmp
     assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, tis_cap=2.0)
     with pytest.raises(AssertionError, match="relative error"):
         assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+def test_zero3_ranks_of_different_lengths_score_in_chunks_and_step_the_full_batch_gradient(tmp_path):
+    """2 ZeRO-3 processes whose completions differ in length (rank 1's cut to 2 tokens), the LM head scoring 4
+    rows of logits at a time: rank 0 needs more chunks than rank 1. Each chunk called the head module, and under
+    ZeRO-3 each call gathers its weight with every rank: the ranks' gathers went out of step and the run hung. The
+    head is one call now; the step is the naive full-batch gradient."""
+    out = str(tmp_path / "chunks")
+    grad_check(out, 2, "grpo", 1, 0.1, ["--rollout", "hf"], env={"HEAD_CHUNK_TOKENS": "4", "RANK1_MAX_TOKENS": "2"})
+    lengths = [[len(s) for g in torch.load(os.path.join(out, f"rollout-step2-rank{r}.pt"), weights_only=False)["samples"]
+                for s in g] for r in (0, 1)]
+    assert max(lengths[1]) <= 2 < max(lengths[0]), lengths
+    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.1, 8, 4, n_expected=16)

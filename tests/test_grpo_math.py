@@ -217,12 +217,20 @@ def naive_logprobs(model, batch, temperature, suppressed):
 
 @pytest.mark.parametrize("temperature,chunk", [(1.0, 4096), (0.7, 5)])
 def test_logprobs_and_gradient_match_the_full_logits(tiny_batch, temperature, chunk):
+    """...in chunks of `chunk` rows of logits (21 rows here), with one call of the head module in forward and one
+    backward through it: under ZeRO-3 each call gathers its weight with every rank."""
     model, batch = tiny_batch
     suppressed = [5, 6]
     mask = batch["completion_mask"]
     model.zero_grad()
+    calls = []
+    hooks = [model.lm_head.register_forward_hook(lambda *a: calls.append("forward")),
+             model.lm_head.register_full_backward_hook(lambda *a: calls.append("backward"))]
     ours = completion_logprobs(model, batch, temperature, suppressed, chunk_tokens=chunk)
     (ours * mask).sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls == ["forward", "backward"], calls
     grads_ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     want = naive_logprobs(model, batch, temperature, suppressed)
