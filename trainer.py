@@ -311,7 +311,7 @@ def with_blank_image(batch, config):
     row, attn = torch.zeros_like(ids[:1]), torch.zeros_like(batch["attention_mask"][:1])
     row[0, P - 3:P] = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
     attn[0, P - 3:P] = 1
-    out = {k: v for k, v in batch.items() if k not in ("position_ids", "vision")}  # of the rows without it
+    out = {k: v for k, v in batch.items() if k not in ("position_ids", "vision")}  # computed without the row
     out.update({"input_ids": torch.cat([ids, row]), "attention_mask": torch.cat([batch["attention_mask"], attn]),
                 "completion_mask": torch.cat([completion_mask, torch.zeros_like(completion_mask[:1])])})
     if "mm_token_type_ids" in batch:
@@ -455,7 +455,7 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
     sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
     sums["seq_tokens"] = seq_tokens
-    norm_here = accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself, and takes the norm to
+    norm_here = accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself (get_global_grad_norm)
     norms = []  # each optimizer step's gradient norm (before clipping)
     model.train()
     for it in range(cfg.mu):
