@@ -497,8 +497,10 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     suppressed = vision_token_ids(model.config, processor.tokenizer)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
+    # a blank image row in micro-batches without an image (trainer.with_blank_image): several ranks, or ZeRO-3
+    # (whose gradient partitions keep a stale value for a tower that got no gradient, one process too)
     scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p,
-                   blank_image=accelerator.num_processes > 1, compiled=compiled)
+                   blank_image=accelerator.num_processes > 1 or stage == 3, compiled=compiled)
     policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
     if ref_model is not None:
         ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)

@@ -305,7 +305,10 @@ def with_blank_image(batch, config):
     output the caller drops. With several ZeRO-3 ranks every rank must run the same modules in the same order
     (each gathers its shards collectively, and DeepSpeed checks the ranks' module traces agree): a rank whose
     micro-batch has no image while another's has one would skip the vision tower and wait forever (seen on 4
-    GPUs). The row goes through the model's own image path, so nothing else changes."""
+    GPUs). Under ZeRO-3 one process needs it too: a vision tower that gets no gradient in a micro-batch keeps the
+    gradient partition of the last one that had (DeepSpeed 0.19.8 copies a partition at the first micro-batch
+    and adds after), and the step would apply it again; the blank row gives it an exact zero. The row goes
+    through the model's own image path, so nothing else changes."""
     ids, completion_mask = batch["input_ids"], batch["completion_mask"]
     P = ids.shape[1] - completion_mask.shape[1]  # the blank image sits at the end of the prompt columns
     row, attn = torch.zeros_like(ids[:1]), torch.zeros_like(batch["attention_mask"][:1])
