@@ -553,6 +553,22 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     accuracy_name = next((n for n, f in reward_funcs.items() if f is accuracy_reward), None)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).model.parameters())
     history = list(history or [])
+
+    def evaluation(step):  # after step's update and weight copy; draws from the rollouts' RNG
+        acc = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
+        if accelerator.is_main_process:
+            tqdm.write(f"step {step}: eval_accuracy {acc:.3f} ({eval_source})")
+        return {"eval_accuracy": acc, "eval_source": eval_source}
+
+    def eval_due(step):
+        return bool(eval_prompts) and cfg.eval_steps > 0 and (step % cfg.eval_steps == 0 or step == cfg.steps)
+    if history and eval_due(history[-1]["step"]) and "eval_accuracy" not in history[-1]:
+        # a stop signal came in that step, and its eval waits for the weight copy a stop skips: it runs now, on
+        # the weights and the RNG state its checkpoint saved, as the uninterrupted run ran it
+        history[-1] = {**history[-1], **evaluation(history[-1]["step"])}
+        if accelerator.is_main_process:
+            open(metrics_path, "w").close()
+            write_jsonl(metrics_path, history)
     first = history[-1]["step"] + 1 if history else 1
     bar = tqdm(range(first, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process,
                dynamic_ncols=True, initial=first - 1, total=cfg.steps)
@@ -634,11 +650,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             peak = peak_bf16_flops()
             if peak:  # model FLOPs utilisation of the update: 6 x parameters x tokens trained on
                 m["mfu"] = 6 * n_params * tot[5] / (t_train - t_rew) / (peak * accelerator.num_processes)
-        if eval_prompts and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == cfg.steps) and not stop:
-            m["eval_accuracy"] = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
-            m["eval_source"] = eval_source
-            if accelerator.is_main_process:
-                tqdm.write(f"step {step}: eval_accuracy {m['eval_accuracy']:.3f} ({eval_source})")
+        if eval_due(step) and not stop:  # a stop skips the weight copy: the resumed run evaluates first
+            m.update(evaluation(step))
         if accuracy_name is not None:
             m["accuracy"] = m[f"reward/{accuracy_name}"]
         history.append(m)

@@ -19,8 +19,10 @@ from conftest import ON_GPU, ROOT, run
 PY = sys.executable
 LAUNCH = [PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
           "--mixed_precision", "no", "tests/run_with_reward.py"]
-# 6 steps that change the weights and the metrics (upper-case reward, AdamW at a high rate, KL to a reference)
-RUN = ["--model", "tiny", "--rewards", "uppercase", "--steps", "6", "--save_steps", "2", "--eval_steps", "0",
+# 6 steps that change the weights and the metrics (upper-case reward, AdamW at a high rate, KL to a reference),
+# an eval after every step (it draws from the rollouts' RNG): every stop lands in an eval step
+RUN = ["--model", "tiny", "--rewards", "uppercase", "--steps", "6", "--save_steps", "2", "--eval_steps", "1",
+       "--eval_size", "2",
        "--prompts_per_step", "2", "--num_generations", "4", "--micro_batch_size", "3", "--max_completion_length", "8",
        "--learning_rate", "3e-3", "--beta", "0.04", "--trainable", "all", "--log_completions_steps", "1"]
 TIMING = {"step_s", "generate_s", "reward_s", "train_s", "sync_s", "tokens_per_s", "mfu", "peak_mem_gb",
@@ -146,6 +148,8 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_
     assert step < 6, "the run ended before the signal"
     assert os.path.exists(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"))
     assert os.path.exists(os.path.join(out, "curves.png"))
+    # the stop skipped that step's eval (the weight copy before it is skipped): the resumed run does it first
+    assert "eval_accuracy" not in metrics(out)[-1] and "eval_accuracy" in metrics(out)[0]
     run([*args, "--resume", "auto"])
     same_run(whole, out)
 
