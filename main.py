@@ -340,6 +340,9 @@ def main(cfg):
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
         trainer.OUTPUT_ON_EACH_NODE[:] = [True]
     saved = trainer.saved_state(resume_from) if resume_from else {}
+    layout = rollout_layout(cfg, accelerator)
+    check_resumed_layout(saved, layout, resume_from)
+    overlap, tis = layout[3:]
     if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
         start = accelerator.gather(torch.tensor([saved.get("step", 0)], device=accelerator.device)).tolist()
         if len(set(start)) > 1:
@@ -360,8 +363,7 @@ def main(cfg):
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
     reward_funcs = {r: REWARDS[r] for r in cfg.rewards.split(",")}
-    generate, sync, llm, overlap = make_rollout(cfg, path, accelerator, model, suppressed,
-                                                processor.tokenizer.pad_token_id)
+    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
     eval_prompts = []
     if eval_rows:
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
@@ -380,7 +382,6 @@ def main(cfg):
     stopped = None
     try:
         history, pending = resume(resume_from, cfg, accelerator, sampler, sync) if resume_from else ([], None)
-        tis = cfg.importance_sampling == "true" or (cfg.importance_sampling == "auto" and overlap)
         history = trainer.train(cfg, policy, ref_model, processor, sampler, reward_funcs, generate, accelerator,
                                 optimizer, eval_prompts, sync_weights=sync, eval_source=eval_source, history=history,
                                 overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
@@ -605,25 +606,18 @@ def _load_data(cfg):
             f"{n} rows held out of {cfg.dataset} (never trained on)")
 
 
-def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
-    """(generate, sync_weights, engine or None, overlap): a vLLM engine on the last visible GPU (sharing rank 0's
-    when every GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate().
-    overlap: whether rollouts run one step ahead (--overlap; auto: when vLLM has a GPU of its own)."""
+def rollout_layout(cfg, accelerator):
+    """Where rollouts run, decided from the flags and the visible GPUs: (rollout 'vllm' or 'hf', vLLM's GPU or
+    None for CPU, colocated with the trainer, overlap: one step ahead (--overlap; auto: when vLLM has a GPU of its
+    own), importance sampling (--importance_sampling; auto: with the overlap))."""
     import importlib.util
     rollout = cfg.rollout if cfg.rollout != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
     if cfg.overlap == "true" and rollout == "hf":  # --rollout auto without vLLM installed
         user_error("--overlap true needs vLLM rollouts and vLLM is not installed here: pip install vllm, or drop "
                    "--overlap")
-    if rollout == "hf":
-        return (lambda prompts, n, sync_follows=False: trainer.hf_generate(
-            model, prompts, n, pad_id, cfg.max_completion_length, cfg.temperature, cfg.top_p, suppressed)), None, None, \
-            False
-    # one engine per node (several nodes: each node's local rank 0 owns one and serves that node's ranks)
-    engine_groups()
-    owner = accelerator.is_local_main_process
     on_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # training processes here
     gpu, colocate = None, False
-    if accelerator.device.type == "cuda":
+    if rollout == "vllm" and accelerator.device.type == "cuda":
         n_gpu = torch.cuda.device_count()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
         colocate = n_gpu <= on_node  # no GPU left for vLLM: it shares the owner's and sleeps
@@ -632,6 +626,37 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
         user_error("--overlap true: vLLM shares the training GPU here and sleeps while the trainer works; give it a "
                    "GPU of its own (one more visible GPU) or drop --overlap")
     overlap = cfg.overlap == "true" or (cfg.overlap == "auto" and gpu is not None and not colocate)
+    tis = cfg.importance_sampling == "true" or (cfg.importance_sampling == "auto" and overlap)
+    return rollout, gpu, colocate, overlap, tis
+
+
+def check_resumed_layout(saved, layout, resume_from):
+    """A checkpoint records whether its rollouts ran one step ahead and were importance-weighted (--overlap and
+    --importance_sampling as resolved): auto may resolve otherwise on other GPUs, and a saved rollout of the
+    step ahead trained without its importance weights, or a run that changes its algorithm halfway, is not
+    the run that was started."""
+    was = saved.get("rollout")
+    now = {"overlap": layout[3], "importance_sampling": layout[4]}
+    if was is not None and was != now:
+        def say(d):
+            return (f"rollouts {'one step ahead' if d['overlap'] else 'in step'}, importance sampling "
+                    f"{'on' if d['importance_sampling'] else 'off'}")
+        user_error(f"--resume {resume_from}: that run had {say(was)}; here --overlap "
+                   f"{saved['config']['overlap']} and --importance_sampling {saved['config']['importance_sampling']} "
+                   f"give {say(now)}: resume on the GPU layout it was saved on (vLLM "
+                   f"{'on a GPU of its own' if was['overlap'] else 'colocated or on CPU'})")
+
+
+def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
+    """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when every
+    GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate()."""
+    rollout, gpu, colocate, _, _ = rollout_layout(cfg, accelerator)
+    if rollout == "hf":
+        return (lambda prompts, n, sync_follows=False: trainer.hf_generate(
+            model, prompts, n, pad_id, cfg.max_completion_length, cfg.temperature, cfg.top_p, suppressed)), None, None
+    # one engine per node (several nodes: each node's local rank 0 owns one and serves that node's ranks)
+    engine_groups()
+    owner = accelerator.is_local_main_process
     dtype = torch.bfloat16 if gpu is not None else torch.float32
     sizes = {False: 0, True: 0}  # the two parts the first copy sends, frozen and trainable; later copies: trainable
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -642,9 +667,9 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)
-    rank, world = accelerator.local_process_index, on_node
+    rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     return (lambda prompts, n, background=False, sync_follows=False: vllm_generate(
-        llm, prompts, n, cfg, suppressed, rank, world, background, sync_follows)), sync, llm, overlap
+        llm, prompts, n, cfg, suppressed, rank, world, background, sync_follows)), sync, llm
 
 
 def output_dir_is_shared(out, accelerator):

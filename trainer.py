@@ -670,7 +670,8 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                             kl=f"{m['kl']:.4f}", len=f"{m['completion_len_mean']:.0f}", s=f"{m['step_s']:.1f}")
         accelerator.log(m, step=step)
         if stop or (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps)):
-            save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending)
+            save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending,
+                            {"overlap": overlap, "importance_sampling": tis_cap is not None})
         if stop:
             import signal
             raise Stopped(history, STOP[0] if STOP else signal.SIGTERM)
@@ -731,12 +732,12 @@ def save_model(model, processor, accelerator, path):
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending=None):
+def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending=None, rollout=None):
     """output_dir/checkpoint-{step}/: the Hugging Face model (loadable by transformers and vLLM) and what a resumed
     run needs: state/ (accelerate's save_state: DeepSpeed's model and optimizer shards, or torch's; every rank's
     RNG states), each rank's data position (state/sampler_{rank}.pkl) and, with --overlap, the next step's
     rollout already generated (state/pending_{rank}.pkl), and trainer_state.json (step, config, process
-    count, the metrics so far). Written as checkpoint-{step}.tmp and renamed once every rank is done: a half-written
+    count, the metrics so far, `rollout`: overlap and importance sampling as resolved). Written as checkpoint-{step}.tmp and renamed once every rank is done: a half-written
     checkpoint is never resumed from. Keeps the last cfg.save_total_limit (0: all)."""
     step = history[-1]["step"]
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
@@ -759,7 +760,7 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pendin
             ds = accelerator.state.deepspeed_plugin
             json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
                        "zero_stage": ds.deepspeed_config["zero_optimization"]["stage"] if ds else None,
-                       "history": history}, f)
+                       "rollout": rollout, "history": history}, f)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
         for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
@@ -791,6 +792,7 @@ def load_checkpoint(path, accelerator, sampler):
 
 
 def saved_state(path):
-    """A checkpoint's trainer_state.json: step, num_processes, config, zero_stage (DeepSpeed's), history."""
+    """A checkpoint's trainer_state.json: step, num_processes, config, zero_stage (DeepSpeed's), rollout (overlap and
+    importance sampling as resolved; None in older checkpoints), history."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)

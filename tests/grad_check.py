@@ -21,7 +21,7 @@ def sgd(params, cfg):
 
 
 def recording_rollout(cfg, *args, **kwargs):
-    generate, sync, llm, overlap = make_rollout(cfg, *args, **kwargs)
+    generate, sync, llm = make_rollout(cfg, *args, **kwargs)
     calls = [0]
 
     def cut_and_record(prompts, n, background=False, sync_follows=False):
@@ -42,7 +42,7 @@ def recording_rollout(cfg, *args, **kwargs):
         torch.save({"prompts": prompts, "samples": samples, "logps": logps},
                    os.path.join(cfg.output_dir, f"rollout-step{calls[0]}-rank{rank}.pt"))
         return samples, logps
-    return cut_and_record, sync, llm, overlap
+    return cut_and_record, sync, llm
 
 
 make_rollout = main.make_rollout

@@ -218,6 +218,32 @@ def main_py(*args):
     return run([PY, "main.py", "--model", "tiny", "--rollout", "hf", *args], check=False, timeout=120)
 
 
+@pytest.mark.slow
+def test_a_run_whose_overlap_resolves_otherwise_on_these_gpus_is_not_resumed(tmp_path, tmp_path_factory):
+    """--overlap auto runs rollouts one step ahead where vLLM has a GPU of its own and in step elsewhere: a
+    checkpoint saved with the step ahead (its next batch saved, importance-weighted) resumed on GPUs where auto says
+    off would train that batch unweighted and go on as another algorithm. Here: a checkpoint of a run one step
+    ahead, as written with --overlap auto on 2 GPUs, resumed on CPU (auto: off). One message, before any
+    training; before the fix it trained on."""
+    pytest.importorskip("vllm")
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted(tmp_path_factory, "vllm_overlap"), out)
+    for later in ("checkpoint-6", "final"):
+        shutil.rmtree(out / later)
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["rollout"] == {"overlap": True, "importance_sampling": True}, state["rollout"]
+    assert (out / "checkpoint-4" / "state" / "pending_0.pkl").exists()
+    state["config"]["overlap"] = "auto"
+    (out / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(state))
+    p = run([*LAUNCH, *RUN, "--rollout", "vllm", "--overlap", "auto", "--output_dir", str(out), "--resume", "auto"],
+            check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count("resume on the GPU layout it was saved on") == 1, text[-3000:]
+    assert 'main.py", line' not in text and [m["step"] for m in metrics(str(out))] == [1, 2, 3, 4, 5, 6], text[-3000:]
+    assert not (out / "final").exists()
+
+
 def test_an_earlier_run_is_never_silently_reused(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoint-2").mkdir(parents=True)
