@@ -284,12 +284,16 @@ def resolve_output_dir(cfg, is_main):
 
 
 def load_model(path, cfg):
+    """bf16 on GPUs under DeepSpeed (launched by accelerate: it keeps float32 master weights and optimizer state);
+    float32 anywhere else, `python main.py` on a GPU too: a plain optimizer updating bf16 weights in place rounds
+    most updates away (10 steps at lr 1e-6 changed 1.9% of the weights)."""
     from transformers import AutoModelForImageTextToText
+    bf16 = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     attn = cfg.attn_implementation
     if attn == "auto":
         import importlib.util
-        attn = "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        attn = "flash_attention_2" if bf16 and importlib.util.find_spec("flash_attn") else "sdpa"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
