@@ -475,9 +475,14 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
                                           zero_allow_untested_optimizer=True)  # any torch optimizer
         zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
         zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, resumed_stage)
+        bf16 = ds_plugin.deepspeed_config.get("bf16", {}).get("enabled") in (True, "true")
+        if bf16:  # DeepSpeed adds micro-batches' (and ranks') bf16 gradients in bf16 unless told: 2^-9 per addition
+            ds_plugin.deepspeed_config["data_types"] = {"grad_accum_dtype": "fp32"}
+            if accelerator.num_processes > 1:
+                ds_plugin.deepspeed_config["communication_data_type"] = "fp32"
         if zero["stage"] == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
-        elif cfg.max_grad_norm > 0 and ds_plugin.deepspeed_config.get("bf16", {}).get("enabled") in (True, "true"):
+        elif cfg.max_grad_norm > 0 and bf16:
             # the norm DeepSpeed takes to clip shows a NaN or inf gradient as well (trainer.update_policy stops the
             # run on one), without its per-tensor check: 6 launches for each of 729 tensors, ~0.1 s a step of the
             # 2B model's update with the GPU idle

@@ -54,5 +54,34 @@ if os.environ.get("HEAD_CHUNK_TOKENS"):  # the LM head's rows of logits at a tim
     defaults[3] = int(os.environ["HEAD_CHUNK_TOKENS"])  # chunk_tokens
     trainer.completion_logprobs.__defaults__ = tuple(defaults)
 
+if os.environ.get("GRAD_SUM_DIR"):  # each step: the gradient DeepSpeed applied next to the float64 sum of its parts
+    import trainer
+    update_policy = trainer.update_policy
+
+    def recording_update(cfg, model, *args, **kwargs):
+        """Sums every micro-batch's gradient as autograd hands it to DeepSpeed (a tensor hook, in the model's
+        dtype) in float64, and reads the float32 master weights before and after the step: with SGD,
+        (before - after) / lr is the gradient DeepSpeed accumulated."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        parts = {n: torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float64) for n, p in params}
+        def adder(name):
+            def add(grad):
+                parts[name].add_(grad.detach().double().cpu())
+            return add
+        hooks = [p.register_hook(adder(n)) for n, p in params]
+        before = {n: safe_get_full_fp32_param(p).double().cpu() for n, p in params}
+        out = update_policy(cfg, model, *args, **kwargs)
+        after = {n: safe_get_full_fp32_param(p).double().cpu() for n, p in params}
+        for h in hooks:
+            h.remove()
+        applied = {n: (before[n] - after[n]) / cfg.learning_rate for n in parts}
+        rank = torch.distributed.get_rank()
+        step = len([f for f in os.listdir(os.environ["GRAD_SUM_DIR"]) if f.endswith(f"-rank{rank}.pt")]) + 1
+        torch.save({"parts": parts, "applied": applied, "weights": before},
+                   os.path.join(os.environ["GRAD_SUM_DIR"], f"step{step}-rank{rank}.pt"))
+        return out
+    trainer.update_policy = recording_update
+
 if __name__ == "__main__":
     main.cli()
