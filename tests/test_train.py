@@ -321,17 +321,17 @@ def test_an_error_on_rank_0_in_the_weight_copy_stops_every_rank_with_its_message
     assert "[rank1]: RuntimeError: rank 0 stopped the run: OSError: injected failure" in text, text[-3000:]
 
 
-@pytest.mark.parametrize("launch", ["one_process", "one_process_no_clipping", "zero2"])
+@pytest.mark.parametrize("launch", ["one_process", "one_process_no_clipping", "zero2", "zero2_bf16"])
 def test_a_non_finite_gradient_stops_the_run_before_anything_is_saved(tmp_path, launch):
     """Step 2's loss is NaN (a fault injected by run_with_reward.py), so is its gradient. The run stops at that
-    step with one message (with DeepSpeed ZeRO-2: from the norm it clips with, its per-tensor bf16 check being off
-    on GPUs) and keeps what it saved before: step 1's checkpoint, no later one, no final model."""
+    step with one message (with DeepSpeed ZeRO-2: from the norm it clips with; in bf16, as on GPUs, DeepSpeed's own
+    per-tensor check is off) and keeps what it saved before: step 1's checkpoint, no later one, no final model."""
     out = str(tmp_path / "nan")
     args = ["tests/run_with_reward.py", *FAST, "--rewards", "uppercase", "--output_dir", out, "--steps", "3",
             "--save_steps", "1", "--zero_stage", "2"] + (["--max_grad_norm", "0"] if "no_clipping" in launch else [])
-    if launch == "zero2":
+    if launch.startswith("zero2"):
         args = ["-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "1",
-                "--mixed_precision", "no", *args]
+                "--mixed_precision", "bf16" if launch == "zero2_bf16" else "no", *args]
     p = run([PY, *args], check=False, env={"NAN_LOSS_AT_CALL": "2"})
     assert p.returncode != 0
     text = p.stdout + p.stderr
