@@ -213,13 +213,37 @@ def test_zero2_compiled_step_equals_the_naive_full_batch_gradient(tmp_path):
     assert_update_is_the_full_batch_gradient(out, "dapo", 2, 0.1, 8, 4, n_expected=16)
 
 
+def sampled_from(out, step, G=4):
+    """Mean |recorded sampler log-prob - the naive log-prob under each saved model| over step's sampled tokens, for
+    each model the engine could have sampled with: {"base_model" (step 0), "checkpoint-1", ...}."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from utils import vision_token_ids
+    tok = AutoProcessor.from_pretrained(os.path.join(out, "base_model")).tokenizer
+    seqs = []
+    for f in sorted(f for f in os.listdir(out) if f.startswith(f"rollout-step{step}-")):
+        r = torch.load(os.path.join(out, f), weights_only=False)
+        seqs += [(p, s, lp) for p, group, lps in zip(r["prompts"], r["samples"], r["logps"])
+                 for s, lp in zip(group, lps)]
+    diff = {}
+    for name in ["base_model"] + [f"checkpoint-{s}" for s in range(1, step)]:
+        model = AutoModelForImageTextToText.from_pretrained(os.path.join(out, name), dtype=torch.float32)
+        suppressed = vision_token_ids(model.config, tok)
+        with torch.no_grad():
+            d = [(naive_logps(model, p, s, 1.0, suppressed) - torch.tensor(lp, dtype=torch.float64)).abs()
+                 for p, s, lp in seqs]
+        diff[name] = torch.cat(d).mean().item()
+    return diff
+
+
 @pytest.mark.slow
 def test_overlapped_step_with_importance_sampling_is_the_full_batch_gradient(tmp_path):
-    """--overlap true (vLLM's CPU engine): step 2 trains on completions the engine sampled from the weights before
-    step 1's update, while step 1 trained; each token's policy-gradient term weighs min(p_old / p_sampler, 2)
-    (truncated importance sampling, on by default with the overlap). SGD at lr 1 moves the policy far between
-    the two (0.29 nats/token apart), so the weights are far from 1: the step equals the naive full-batch gradient
-    with them, and not without them."""
+    """--overlap true (vLLM's CPU engine): step t trains on completions the engine sampled, while step t-1
+    trained, from the weights before step t-1's update, the weights of checkpoint t-2; each token's
+    policy-gradient term weighs min(p_old / p_sampler, 2) (truncated importance sampling, on by default with the
+    overlap). The sampler's log-probs are checked against each saved model's own (naive, float64): step 3's are
+    checkpoint 1's, not the base's (two steps behind) nor checkpoint 2's. SGD at lr 1 moves the policy far
+    between the two (0.29 nats/token apart), so the weights are far from 1: step 3 equals the naive full-batch
+    gradient with them, and not without them."""
     pytest.importorskip("vllm")
     out = str(tmp_path / "overlap")
     grad_check(out, 2, "grpo", 1, 0.04, ["--rollout", "vllm", "--overlap", "true"], steps=3)
@@ -227,9 +251,12 @@ def test_overlapped_step_with_importance_sampling_is_the_full_batch_gradient(tmp
     ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in ms] == [1, 2, 3], ms
     assert ms[0]["sampler_logp_diff"] < 1e-4 < ms[1]["sampler_logp_diff"], "step 2's batch is one update old"
-    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, tis_cap=2.0)
+    diff = sampled_from(out, 3)
+    # float32 engine against a float64 forward: ~1e-6 a token; one SGD step at lr 1 apart: ~0.3
+    assert diff["checkpoint-1"] < 1e-4 < 0.01 < min(diff["base_model"], diff["checkpoint-2"]), diff
+    assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, step=3, tis_cap=2.0)
     with pytest.raises(AssertionError, match="relative error"):
-        assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16)
+        assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.04, 8, 4, n_expected=16, step=3)
 
 
 @pytest.mark.slow
