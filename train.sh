@@ -19,7 +19,10 @@ launch=("$py" -m accelerate.commands.launch --config_file "$here/ds_accel.yaml")
 if [ "$gpus" -eq 0 ]; then
   echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, ZeRO-3 processes on gloo"
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  fresh=(--overwrite true); [[ " $* " == *" --resume "* ]] && fresh=()  # the smoke run starts over unless resumed
+  # the smoke run starts over in its own folder, outputs/smoke, unless resumed; a folder of yours (--output_dir) has the
+  # rule of main.py: an earlier run there stops it, naming --resume auto and --overwrite true
+  fresh=(--overwrite true)
+  for a in "$@"; do case $a in --resume|--resume=*|--output_dir|--output_dir=*|--overwrite|--overwrite=*) fresh=();; esac; done
   set -- --model tiny --output_dir outputs/smoke "${fresh[@]}" --steps 16 --prompts_per_step 4 --num_generations 8 \
     --max_completion_length 24 --rewards accuracy,format,number --learning_rate 3e-3 --save_steps 8 --eval_steps 8 \
     --eval_size 8 --log_completions_steps 4 "$@"

@@ -15,5 +15,6 @@ def test_readme_lists_every_flag_with_its_default():
 def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(ROOT, "README.md")).read()
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    assert "bash setup.sh && .venv/bin/python -m pytest -q tests" in readme
-    assert "bash setup.sh" in ci and ".venv/bin/python -m pytest -q tests" in ci
+    command = ".venv/bin/python -m pytest -q -n 2 --dist loadgroup tests"
+    assert f"bash setup.sh && {command}" in readme
+    assert "bash setup.sh" in ci and command in ci

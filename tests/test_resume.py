@@ -91,66 +91,59 @@ def uninterrupted(tmp_path_factory, rollout):
     return UNINTERRUPTED[rollout]
 
 
+# each rollout's tests share its uninterrupted run: they run on one pytest-xdist worker
+SHARING = [pytest.param(r, marks=pytest.mark.xdist_group(f"uninterrupted_{r}")) for r in ROLLOUTS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", list(ROLLOUTS))
-def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, tmp_path_factory, rollout):
-    """kill -9 of the whole process tree at a random moment after the first checkpoint, then the same command with
-    --resume auto: the same final weights (1e-6) and the same metrics at every step as a run never stopped.
-    Without the optimizer/RNG/sampler state in checkpoints (or with vLLM sampling from its own generator) the
-    resumed steps differ."""
+@pytest.mark.parametrize("rollout", SHARING)
+def test_ctrl_c_then_kill_9_each_resumed_ends_as_the_uninterrupted_run(tmp_path, tmp_path_factory, rollout):
+    """One run stopped twice, each time continued with the same command plus --resume auto:
+    1. Ctrl-C (SIGINT to the launcher) once step 1 is logged: the step in progress finishes, a resumable
+       checkpoint, the curves and metrics are written, and the run exits non-zero saying how to continue. That step
+       evaluates (--eval_steps 1), and the stop skips its evaluation with the weight copy: the resumed run does it
+       first. With vLLM, torchrun signals rank 0's whole process group, the engine included, which must live on to
+       finish the step.
+    2. kill -9 of the whole process tree at a random moment after checkpoint-4.
+    3. The end: the same final weights (1e-6) and the same metrics at every step as a run never stopped. Without
+       the optimizer/RNG/sampler state in checkpoints, with vLLM sampling from its own generator, or without the
+       skipped evaluation (0.018 apart), the resumed steps differ."""
     if rollout != "hf":
         pytest.importorskip("vllm")
     whole = uninterrupted(tmp_path_factory, rollout)
     ckpts = sorted(os.path.basename(p) for p in glob.glob(os.path.join(whole, "checkpoint-*")))
     assert ckpts == ["checkpoint-4", "checkpoint-6"], ckpts  # --save_total_limit 2 kept the last two
-
     out = str(tmp_path / "run")
     args = [*LAUNCH, *RUN, *ROLLOUTS[rollout], "--output_dir", out]
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = start(args, log)
-        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint-2", "trainer_state.json")), 600, proc,
-                 "checkpoint-2")
-        time.sleep(random.uniform(0, 2))
-        procs = tree(proc)
-        for p in procs:
-            p.kill()
-        psutil.wait_procs(procs, timeout=10)
-    assert not (tmp_path / "run" / "final").exists(), "killed too late: the run had finished"
-    done = max(m["step"] for m in metrics(out))
-    print(f"killed after step {done}")
 
-    p = run([*args, "--resume", "auto"])
-    assert "resumed from" in p.stdout + p.stderr
-    same_run(whole, out)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("rollout", list(ROLLOUTS))
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes(tmp_path, tmp_path_factory, rollout):
-    """SIGINT to the launcher (a terminal's Ctrl-C): the step in progress finishes, a resumable checkpoint, the
-    curves and metrics are written, the run exits non-zero saying how to continue; continuing ends where the
-    uninterrupted run does. With vLLM: torchrun signals rank 0's whole process group, the engine included, which
-    must live on to finish the step."""
-    if rollout != "hf":
-        pytest.importorskip("vllm")
-    whole = uninterrupted(tmp_path_factory, rollout)
-    out = str(tmp_path / "run")
-    args = [*LAUNCH, *RUN, *ROLLOUTS[rollout], "--output_dir", out, "--save_steps", "0"]
     with open(tmp_path / "stopped.log", "w") as log:
         proc = start(args, log)
         wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
         proc.send_signal(signal.SIGINT)
         code = proc.wait(120)
     text = (tmp_path / "stopped.log").read_text()
-    assert code != 0, text[-3000:]
-    assert "--resume auto" in text, text[-3000:]
+    assert code != 0 and "--resume auto" in text, text[-3000:]
     step = max(m["step"] for m in metrics(out))
-    assert step < 6, "the run ended before the signal"
+    assert step < 4, "the signal came too late"
     assert os.path.exists(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"))
     assert os.path.exists(os.path.join(out, "curves.png"))
-    # the stop skipped that step's eval (the weight copy before it is skipped): the resumed run does it first
     assert "eval_accuracy" not in metrics(out)[-1] and "eval_accuracy" in metrics(out)[0]
-    run([*args, "--resume", "auto"])
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = start([*args, "--resume", "auto"], log)
+        wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint-4", "trainer_state.json")), 600, proc,
+                 "checkpoint-4")
+        time.sleep(random.uniform(0, 2))
+        procs = tree(proc)
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=10)
+    assert "resumed from" in (tmp_path / "killed.log").read_text()
+    assert not (tmp_path / "run" / "final").exists(), "killed too late: the run had finished"
+    print(f"stopped after step {step}, killed after step {max(m['step'] for m in metrics(out))}")
+
+    p = run([*args, "--resume", "auto"])
+    assert "resumed from" in p.stdout + p.stderr
     same_run(whole, out)
 
 
@@ -218,6 +211,7 @@ def main_py(*args):
     return run([PY, "main.py", "--model", "tiny", "--rollout", "hf", *args], check=False, timeout=120)
 
 
+@pytest.mark.xdist_group("uninterrupted_vllm_overlap")
 @pytest.mark.slow
 def test_a_run_whose_overlap_resolves_otherwise_on_these_gpus_is_not_resumed(tmp_path, tmp_path_factory):
     """--overlap auto runs rollouts one step ahead where vLLM has a GPU of its own and in step elsewhere: a

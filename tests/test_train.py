@@ -107,6 +107,16 @@ def test_smoke_run_of_train_sh_leaves_every_output(tmp_path):
     AutoModelForImageTextToText.from_pretrained(os.path.join(out, "final"))
     AutoProcessor.from_pretrained(os.path.join(out, "final"))
 
+    # the same command again into that folder of the user's: it holds a finished run, which is kept (the smoke
+    # run starts over only in its own outputs/smoke; before, it deleted the run and trained anew, exit 0)
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in ("metrics.jsonl", "final/model.safetensors")}
+    p = run(["bash", "train.sh", "--steps", "2", "--output_dir", out, "--save_steps", "1", "--eval_steps", "2"],
+            env={"CUDA_VISIBLE_DEVICES": ""}, check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and text.count("already holds") == 1, text[-3000:]
+    assert "--resume auto" in text and "--overwrite true" in text and "Traceback" not in text, text[-3000:]
+    assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in before}
+
 
 # ---- bad input: a clear message naming the field and the fix --------------------------------------------------
 
