@@ -391,7 +391,7 @@ def main(cfg):
                                 overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
     except trainer.Stopped as e:
         history, stopped = e.history, e
-    except trainer.NonFiniteGradient as e:  # every rank has the same global norm, so each stops here
+    except (trainer.NonFiniteGradient, trainer.RewardError) as e:  # raised on every rank together
         user_error(str(e))
     finally:
         if llm is not None:

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
-from utils import accuracy_reward, collate, compute_rewards, cut_at_eos, save_thumbnail, write_jsonl, write_report
+from utils import (RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos, save_thumbnail, write_jsonl,
+                   write_report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,12 +426,21 @@ def cut_rollout(rows, prompts, samples, sample_logps, cfg, eos_ids, pad_id):
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring and the update.
 
-def score(rows, texts, reward_funcs, weights, cfg):
+def score(rows, texts, reward_funcs, weights, cfg, accelerator=None):
     """Rewards of every completion ({reward name: values}, their weighted sum) and group advantages. A reward
-    that returned None or a non-finite value for a sample adds 0 to its sum (compute_rewards warns)."""
+    that returned None or a non-finite value for a sample adds 0 to its sum (compute_rewards warns); one that
+    failed (RewardError) on any rank stops every rank with that rank's message, before the update's collectives."""
     G = cfg.num_generations
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
-    per_reward = compute_rewards(reward_funcs, texts, columns)
+    try:
+        per_reward, failed = compute_rewards(reward_funcs, texts, columns), None
+    except RewardError as e:
+        per_reward, failed = None, str(e)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        failed = next((f for f in gather_object([failed]) if f), None)
+    if failed:
+        raise RewardError(failed)
     rewards = torch.stack([w * torch.tensor(v, dtype=torch.float64) for w, v in zip(weights, per_reward.values())])
     rewards = rewards.nansum(0).float()
     return per_reward, rewards, group_advantages(rewards, G, cfg.scale_rewards)
@@ -586,7 +596,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                                  sync_follows=sync_weights is not None)
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg)
+        per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg, accelerator)
         t_rew = time.time()
         try:
             sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,

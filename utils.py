@@ -108,26 +108,43 @@ def number_reward(completions, solution, **columns):
     return out
 
 
+class RewardError(ValueError):
+    """A reward function raised or returned something unusable (trainer.train stops the run with its message)."""
+
+
 def compute_rewards(reward_funcs, completions, columns):
     """Calls each reward of {name: fn}; returns {name: list[float]}, keyed by the --rewards name (two names may
     share a function). None or a non-finite value becomes NaN, which the weighted sum counts as 0 (the sample's
     other rewards still count); each such reward is named in a warning, once. A reward that raises or returns the
-    wrong shape stops the run, named."""
+    wrong type or length raises RewardError: one line naming it, what it was given and what it returned."""
+    def shown(x):
+        text = " ".join(repr(x).split())
+        return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+    given = f"given {len(completions)} completions and the columns {sorted(columns)}"
+    fix = f"a reward returns a list of {len(completions)} floats, one per completion (None: not scored)"
     out = {}
     for name, fn in reward_funcs.items():
         try:
             values = fn(completions, **columns)
         except Exception as e:
-            raise RuntimeError(f"reward function '{name}' raised {type(e).__name__}: {e}. Rewards must return a "
-                               f"float for any completion text; fix '{name}' in main.py/utils.py.") from e
-        try:
-            values = [float("nan") if v is None else float(v) for v in values]
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"reward function '{name}' must return a list of floats, got {type(values).__name__}"
-                            f" containing {e}") from e
+            message = " ".join(str(e).split())[:200]
+            raise RewardError(f"reward '{name}' raised {type(e).__name__}{': ' + message if message else ''}, "
+                              f"{given}: fix it in main.py ({fix})") from e
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+            raise RewardError(f"reward '{name}' returned {shown(values)}, {given}: {fix}")
+        values = list(values)
         if len(values) != len(completions):
-            raise ValueError(f"reward function '{name}' returned {len(values)} values for {len(completions)} "
-                             "completions: return one float per completion")
+            raise RewardError(f"reward '{name}' returned {len(values)} values, {given}: {fix}")
+        floats = []
+        for i, v in enumerate(values):
+            try:
+                if isinstance(v, (str, bytes)):
+                    raise TypeError
+                floats.append(float("nan") if v is None else float(v))
+            except (TypeError, ValueError):
+                raise RewardError(f"reward '{name}' returned a list whose item {i} is {shown(v)}, {given}: "
+                                  f"{fix}") from None
+        values = floats
         bad = sum(not math.isfinite(v) for v in values)
         if bad:
             values = [v if math.isfinite(v) else float("nan") for v in values]

@@ -20,7 +20,13 @@ def raising_reward(completions, **columns):
     raise KeyError("no_such_column")
 
 
-main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward)
+def rank1_raising_reward(completions, **columns):  # a reward that fails on one rank's data only
+    if os.environ.get("RANK") == "1":
+        raise ValueError("cannot score this row")
+    return [0.0] * len(completions)
+
+
+main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward, rank1_raising=rank1_raising_reward)
 
 if os.environ.get("NAN_LOSS_AT_CALL"):  # a fault to test the non-finite gradient guard: the Nth loss is NaN
     import trainer

@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import utils`
 import math_verify  # noqa: E402,F401  (imported here so forked children do not pay for the import)
 
-from utils import (accuracy_reward, answers_match, compute_rewards, extract_answer, format_reward,  # noqa: E402
-                   number_reward)
+from utils import (RewardError, accuracy_reward, answers_match, compute_rewards, extract_answer,  # noqa: E402
+                   format_reward, number_reward)
 
 MB = 1 << 20
 BUDGET_S = 3.0  # "returns quickly": correct code takes ~10 ms on the 1 MB inputs below
@@ -414,7 +414,7 @@ def zerodiv_reward(completions, **columns):
 
 @pytest.mark.parametrize("fn, original", [(keyerror_reward, "KeyError"), (zerodiv_reward, "ZeroDivisionError")])
 def test_compute_rewards_names_a_raising_reward(fn, original):
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RewardError) as info:
         compute_rewards(named(format_reward, fn), COMPLETIONS, COLUMNS)
     assert fn.__name__ in str(info.value)
     assert original in str(info.value)
@@ -422,7 +422,7 @@ def test_compute_rewards_names_a_raising_reward(fn, original):
 
 
 def test_compute_rewards_names_accuracy_reward_without_solution_column():
-    with pytest.raises(RuntimeError, match="accuracy_reward"):
+    with pytest.raises(RewardError, match="accuracy_reward"):
         compute_rewards(named(accuracy_reward), COMPLETIONS, {"problem": COLUMNS["problem"]})
 
 
@@ -440,7 +440,7 @@ def empty_reward(completions, **columns):
 
 @pytest.mark.parametrize("fn", [short_reward, long_reward, empty_reward])
 def test_compute_rewards_wrong_length_is_a_value_error_naming_the_function(fn):
-    with pytest.raises(ValueError, match=fn.__name__) as info:
+    with pytest.raises(RewardError, match=fn.__name__) as info:
         compute_rewards(named(fn), COMPLETIONS, COLUMNS)
     assert str(len(COMPLETIONS)) in str(info.value)
 
@@ -467,13 +467,28 @@ def none_instead_of_list_reward(completions, **columns):
 
 @pytest.mark.parametrize("fn", [text_values_reward, object_values_reward, list_values_reward, scalar_reward,
                                 none_instead_of_list_reward])
-def test_compute_rewards_non_numeric_is_a_type_error_naming_the_function(fn):
-    with pytest.raises(TypeError, match=fn.__name__):
+def test_compute_rewards_non_numeric_is_one_line_naming_the_function_and_what_it_returned(fn):
+    with pytest.raises(RewardError, match=fn.__name__) as info:
         compute_rewards(named(fn), COMPLETIONS, COLUMNS)
+    message = str(info.value)
+    assert "\n" not in message and f"given {len(COMPLETIONS)} completions" in message, message
+    returned = fn(COMPLETIONS)
+    shown = type(returned[0] if isinstance(returned, list) else returned).__name__
+    assert f"returned {'a list whose item 0 is ' if isinstance(returned, list) else ''}{shown}" in message, message
+
+
+def dict_reward(completions, **columns):
+    return {"score": [1.0] * len(completions)}
+
+
+def test_compute_rewards_shows_a_returned_dict_by_its_value():
+    with pytest.raises(RewardError, match=r"returned dict \{'score': \[1.0") as info:
+        compute_rewards(named(dict_reward), COMPLETIONS, COLUMNS)
+    assert "could not convert" not in str(info.value)
 
 
 def test_compute_rewards_names_lambdas_and_callables():
-    with pytest.raises(ValueError, match="<lambda>"):
+    with pytest.raises(RewardError, match="<lambda>"):
         compute_rewards(named(lambda completions, **kw: []), COMPLETIONS, COLUMNS)
 
     class LengthReward:
@@ -483,7 +498,7 @@ def test_compute_rewards_names_lambdas_and_callables():
         def __repr__(self):
             return "LengthReward()"
 
-    with pytest.raises(RuntimeError, match=r"LengthReward\(\)"):
+    with pytest.raises(RewardError, match=r"LengthReward\(\)"):
         compute_rewards(named(LengthReward()), COMPLETIONS, COLUMNS)
 
 

@@ -118,6 +118,19 @@ def test_smoke_run_of_train_sh_leaves_every_output(tmp_path):
     assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in before}
 
 
+@pytest.mark.slow
+def test_a_reward_failing_on_one_rank_stops_both_with_its_one_line(tmp_path):
+    """2 ZeRO-3 processes, a reward that raises on rank 1's rows only: rank 0 learns of it before the update (no
+    hang in the update's collectives) and prints rank 1's message once; no rank prints a traceback of ours."""
+    p = run([PY, "-m", "accelerate.commands.launch", "--config_file", "ds_accel.yaml", "--num_processes", "2",
+             "--mixed_precision", "no", "tests/run_with_reward.py", *FAST, "--rewards", "rank1_raising", "--steps", "2",
+             "--output_dir", str(tmp_path / "run")], check=False, timeout=300)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0, text[-3000:]
+    assert text.count("reward 'rank1_raising' raised ValueError: cannot score this row") == 1, text[-3000:]
+    assert 'main.py", line' not in text and "trainer.py" not in text, text[-3000:]
+
+
 # ---- bad input: a clear message naming the field and the fix --------------------------------------------------
 
 def fails_with(args, *needles):
@@ -139,8 +152,14 @@ def test_unknown_reward_and_bad_values_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_raising_reward_is_named(tmp_path):
-    fails_with([*FAST, "--rewards", "format,raising", "--steps", "1", "--output_dir", str(tmp_path)],
-               "reward function 'raising' raised KeyError")
+    """One line naming the reward, the error and what it was given; no traceback (before: two chained ones)."""
+    p = run([PY, "tests/run_with_reward.py", *FAST, "--rewards", "format,raising", "--steps", "1", "--output_dir",
+             str(tmp_path)], check=False, timeout=300)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "Traceback" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "'raising'" in line]
+    assert len(lines) == 1 and "reward 'raising' raised KeyError: 'no_such_column', given 8 completions" in lines[0], \
+        text[-3000:]
 
 
 @pytest.mark.slow
