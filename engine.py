@@ -31,7 +31,10 @@ def alive(p):
         return False
 
 
-watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+try:
+    watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+except psutil.Error:  # gone before this started (an early error): nothing was registered, nothing to do
+    sys.exit(0)
 procs, paths, pending, fd = [], [], b"", sys.stdin.fileno()
 while alive(watched):
     if launcher and not alive(launcher):  # the launcher is gone: the rank goes too

@@ -323,11 +323,11 @@ def main(cfg):
                          "fails ('No backend type associated with device type cpu'). Unset DS_ACCELERATOR, or hide "
                          "the GPUs with CUDA_VISIBLE_DEVICES= for a CPU run.")
     torch.set_float32_matmul_precision("high")  # TF32 for what float32 matmuls remain (the LM head's are bf16 GEMMs)
+    # each node's first process tidies its output_dir (per node disk); a bad input stops before any model loads
+    resume_from, (rows, eval_rows, eval_source) = preflight(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     start_guard()  # this process, and the vLLM engine it starts, end when it or the launcher dies
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
         signal.signal(sig, stop_after_this_step)
-    # each node's first process tidies its output_dir (per node disk); a bad input stops before any model loads
-    resume_from, (rows, eval_rows, eval_source) = preflight(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     path = cfg.model
     if cfg.model in TINY:
         path = build_tiny_model(os.path.join(cfg.output_dir, "base_model"), TINY[cfg.model], seed=cfg.seed)

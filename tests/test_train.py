@@ -133,6 +133,22 @@ def test_a_reward_failing_on_one_rank_stops_both_with_its_one_line(tmp_path):
 
 # ---- bad input: a clear message naming the field and the fix --------------------------------------------------
 
+def test_an_early_error_leaves_no_watchdog_output(tmp_path):
+    """`python main.py` stopping at a missing dataset: its message and nothing after it (the watchdog started
+    before the checks and, finding its process gone, printed a psutil.NoSuchProcess traceback, 3 runs of 3)."""
+    for _ in range(3):
+        p = run([PY, "main.py", "--model", "tiny", "--dataset", str(tmp_path / "nope.jsonl"), "--output_dir",
+                 str(tmp_path / "out")], check=False)  # the pipes close once every writer, the watchdog too, is gone
+        assert p.returncode != 0 and "no such file or folder" in p.stderr, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr and "NoSuchProcess" not in p.stderr, p.stderr[-2000:]
+    # the race itself, made certain: a watchdog that starts after its process has gone leaves quietly
+    import engine
+    gone = subprocess.Popen([PY, "-c", "pass"])
+    gone.wait()
+    p = run([PY, "-c", engine.GUARD_SOURCE, str(gone.pid), "0"], check=False, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
+
+
 def fails_with(args, *needles):
     p = run([PY, "tests/run_with_reward.py", *args], check=False, timeout=300)
     text = p.stdout + p.stderr
