@@ -222,10 +222,35 @@ def preflight(cfg, is_main):
     """Every check that needs no model: flags' paths, output_dir (the checkpoint to resume from), the data, the
     model's config. Returns (checkpoint or '', load_data's result). train.sh runs it alone first (--check_only)."""
     check_paths(cfg)
+    check_output_dir(cfg.output_dir, cfg.model)
     resume_from = resolve_output_dir(cfg, is_main)
     data = load_data(cfg)
     check_model(cfg.model)
     return resume_from, data
+
+
+def check_output_dir(out, model):
+    """output_dir (or the folder it would be made in) can be written: a probe file there, before anything loads.
+    Warns when its disk has less free space than a checkpoint of a local model takes (weights, and float32 master
+    weights and Adam state: about 7x the bf16 weights)."""
+    import tempfile
+    here = os.path.abspath(os.path.expanduser(out))
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        user_error(f"--output_dir {out}: {here} is a file, not a folder: choose another --output_dir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=here, prefix=".grpo-vl-probe-"):
+            pass
+    except OSError as e:
+        user_error(f"--output_dir {out}: cannot write in {here} ({e.strerror or e}): choose a folder you can write to")
+    weights = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors")) \
+        if os.path.isdir(model) else 0
+    free = shutil.disk_usage(here).free
+    if 7 * weights > free:
+        import warnings
+        warnings.warn(f"--output_dir {out}: {free / 1e9:.1f} GB free, and a checkpoint of {model} takes about "
+                      f"{7 * weights / 1e9:.1f} GB: free space, or save fewer (--save_total_limit, --save_steps)")
 
 
 def check_paths(cfg):
@@ -271,7 +296,7 @@ def resolve_output_dir(cfg, is_main):
             if cfg.resume == "auto":
                 print(f"--resume auto: no complete checkpoint in {out}; starting from step 1")
             for e in earlier:
-                if e in RUN_OUTPUTS or e.startswith("checkpoint-"):
+                if e in RUN_OUTPUTS or e.startswith("checkpoint-") or e == "final.tmp":
                     target = os.path.join(out, e)
                     if os.path.isdir(target):
                         shutil.rmtree(target, ignore_errors=True)
@@ -409,7 +434,7 @@ def main(cfg):
             stop_vllm(llm)
 
     if not stopped:
-        trainer.save_model(policy, processor, accelerator, os.path.join(cfg.output_dir, "final"))
+        trainer.save_final(policy, processor, accelerator, cfg.output_dir)
     if accelerator.is_main_process and history:
         write_report(cfg.output_dir, history, cfg.steps)  # curves.png and report.html
         if stopped:
@@ -776,6 +801,9 @@ def cli(argv=None):
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
+    except trainer.SaveError as e:  # a full or failing disk, on the rank that wrote
+        print(e, file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

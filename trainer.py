@@ -17,6 +17,7 @@ import shutil
 import time
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
@@ -742,39 +743,77 @@ def save_model(model, processor, accelerator, path):
     accelerator.wait_for_everyone()
 
 
+class SaveError(OSError):
+    """Writing a checkpoint or the final model failed (a full disk, a folder gone read-only): one line."""
+
+
+def saving(what, path):
+    """Context: an OSError while writing `what` becomes a SaveError saying what and how to go on; the half-written
+    folder `path` is removed (it would hold the space that ran out)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        try:
+            yield
+        except SaveError:
+            raise
+        except (OSError, SafetensorError) as e:  # safetensors' own error for a failed write (os error 28: ENOSPC)
+            shutil.rmtree(path, ignore_errors=True)
+            folder = os.path.dirname(path)
+            free = f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free" if os.path.isdir(folder) else ""
+            reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1].split(" (os error")[0]
+            raise SaveError(f"{reason} writing {what} in {folder}{free}: free space or fix the folder, then run the "
+                            "same command with --resume auto") from None
+    return scope()
+
+
+def save_final(model, processor, accelerator, out_dir):
+    """out_dir/final/: the trained model (save_model), written as final.tmp and renamed once complete."""
+    path, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, "final.tmp")
+    with saving("the final model", tmp):
+        save_model(model, processor, accelerator, tmp)
+        if writes_checkpoints(accelerator):
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending=None, rollout=None):
     """output_dir/checkpoint-{step}/: the Hugging Face model (loadable by transformers and vLLM) and what a resumed
     run needs: state/ (accelerate's save_state: DeepSpeed's model and optimizer shards, or torch's; every rank's
     RNG states), each rank's data position (state/sampler_{rank}.pkl) and, with --overlap, the next step's
     rollout already generated (state/pending_{rank}.pkl), and trainer_state.json (step, config, process
-    count, the metrics so far, `rollout`: overlap and importance sampling as resolved). Written as checkpoint-{step}.tmp and renamed once every rank is done: a half-written
-    checkpoint is never resumed from. Keeps the last cfg.save_total_limit (0: all)."""
+    count, the metrics so far, `rollout`: overlap and importance sampling as resolved). Written as
+    checkpoint-{step}.tmp and renamed once every rank is done: a half-written checkpoint is never resumed from (a
+    failed write is removed: SaveError). Keeps the last cfg.save_total_limit (0: all)."""
     step = history[-1]["step"]
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     tmp = path + ".tmp"
     writer = writes_checkpoints(accelerator)
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    save_model(model, processor, accelerator, tmp)
-    accelerator.save_state(os.path.join(tmp, "state"))
-    os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
-    with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
-        pickle.dump(sampler.state_dict(), f)
-    if pending is not None:
-        with open(os.path.join(tmp, "state", f"pending_{accelerator.process_index}.pkl"), "wb") as f:
-            pickle.dump(pending, f)
-    accelerator.wait_for_everyone()
-    if writer:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
-            ds = accelerator.state.deepspeed_plugin
-            json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
-                       "zero_stage": ds.deepspeed_config["zero_optimization"]["stage"] if ds else None,
-                       "rollout": rollout, "history": history}, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
-        for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-            shutil.rmtree(old)
+    with saving(f"checkpoint-{step}", tmp):
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        save_model(model, processor, accelerator, tmp)
+        accelerator.save_state(os.path.join(tmp, "state"))
+        os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
+        with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
+            pickle.dump(sampler.state_dict(), f)
+        if pending is not None:
+            with open(os.path.join(tmp, "state", f"pending_{accelerator.process_index}.pkl"), "wb") as f:
+                pickle.dump(pending, f)
+        accelerator.wait_for_everyone()
+        if writer:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
+                ds = accelerator.state.deepspeed_plugin
+                json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
+                           "zero_stage": ds.deepspeed_config["zero_optimization"]["stage"] if ds else None,
+                           "rollout": rollout, "history": history}, f)
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+            for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

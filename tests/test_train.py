@@ -1,4 +1,5 @@
 """End to end: real tiny models, real processors, real DeepSpeed (ZeRO-3 over gloo on CPU), real processes."""
+import contextlib
 import json
 import math
 import os
@@ -132,6 +133,46 @@ def test_a_reward_failing_on_one_rank_stops_both_with_its_one_line(tmp_path):
 
 
 # ---- bad input: a clear message naming the field and the fix --------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path, size, read_only=False):
+    """A small filesystem of its own at `path` (root: mount; skipped where mounting is not allowed)."""
+    os.makedirs(path, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_the_model_loads(tmp_path):
+    """A read-only folder and a path under a file: one line from --check_only, in seconds, nothing loaded."""
+    (tmp_path / "a_file").write_text("x")
+    with tmpfs(tmp_path / "ro", "1m", read_only=True):
+        for out, message in ((tmp_path / "ro" / "run", "cannot write in"), (tmp_path / "a_file" / "run", "is a file")):
+            start = time.time()
+            p = run([PY, "main.py", "--check_only", "true", "--model", "tiny", "--output_dir", str(out)], check=False)
+            assert p.returncode != 0 and p.stderr.count(message) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+            assert time.time() - start < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full_at", ["checkpoint-1", "the final model"])
+def test_a_full_disk_while_saving_stops_with_one_line_and_leaves_no_half_written_folder(tmp_path, full_at):
+    """A 10 MB (or 7 MB) disk: the tiny model (4.5 MB) fits, checkpoint-1 with its optimizer state (or final/
+    beside it) does not. One line names what was written and how to go on; the half-written folder is removed
+    (it would hold the space) and no final/ exists (before: a traceback and a broken final/)."""
+    with tmpfs(tmp_path / "disk", "10m" if full_at == "checkpoint-1" else "7m"):
+        out = tmp_path / "disk" / "run"
+        p = run([PY, "tests/run_with_reward.py", *FAST, "--rewards", "uppercase", "--steps", "2", "--save_steps",
+                 "1" if full_at == "checkpoint-1" else "0", "--output_dir", str(out)], check=False)
+        text = p.stdout + p.stderr
+        assert p.returncode != 0 and text.count(f"No space left on device writing {full_at}") == 1, text[-3000:]
+        assert "--resume auto" in text and "Traceback" not in text, text[-3000:]
+        assert not [e for e in os.listdir(out) if e.endswith(".tmp") or e == "final"], os.listdir(out)
+
 
 def test_an_early_error_leaves_no_watchdog_output(tmp_path):
     """`python main.py` stopping at a missing dataset: its message and nothing after it (the watchdog started
