@@ -16,8 +16,9 @@ import torch
 # No orphans. Each training process starts a watchdog (start_guard): a small process in its own session that
 # polls twice a second. When the training process dies in any way (kill -9 included), or the launcher above it
 # does, the watchdog kills the training process and what it registered (the vLLM engine's processes) and removes
-# the registered files (the weight staging file). The launcher (torchrun) starts each rank in a session of its
-# own, so nothing else would stop a rank when the launcher is killed.
+# the registered files (the weight staging file) and the shared memory the registered processes mapped (vLLM's
+# queues). The launcher (torchrun) starts each rank in a session of its own, so nothing else would stop a rank when
+# the launcher is killed.
 
 GUARD_SOURCE = """
 import os, select, sys, time
@@ -35,11 +36,16 @@ try:
     watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
 except psutil.Error:  # gone before this started (an early error): nothing was registered, nothing to do
     sys.exit(0)
-procs, paths, pending, fd = [], [], b"", sys.stdin.fileno()
+procs, paths, pending, fd, shared = [], [], b"", sys.stdin.fileno(), set()
 while alive(watched):
     if launcher and not alive(launcher):  # the launcher is gone: the rank goes too
         procs.append(watched)
         break
+    for p in procs:  # the shared memory the engine's processes map (vLLM's psm_* queues, semaphores): a process
+        try:  # killed by a signal never unlinks it, and once dead its maps can no longer be read
+            shared.update(m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/"))
+        except psutil.Error:
+            pass
     if fd is None or not select.select([fd], [], [], 0.5)[0]:
         time.sleep(0.5 if fd is None else 0)
         continue
@@ -57,7 +63,8 @@ for p in procs:  # psutil checks the process's start time: a recycled pid is nev
         p.kill()
     except psutil.Error:
         pass
-for path in paths:
+psutil.wait_procs(procs, timeout=5)
+for path in paths + sorted(shared):
     try:
         os.remove(path)
     except OSError:

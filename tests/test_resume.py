@@ -181,7 +181,8 @@ def test_a_schedulers_term_to_every_process_checkpoints_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
     """`kill -9` of the launcher alone: within 10 s every rank and the vLLM engine's processes are gone and the
-    weight staging file is removed (before: the ranks trained on, the engine outlived them, the file stayed)."""
+    weight staging file and vLLM's shared memory in /dev/shm are removed (before: the ranks trained on, the engine
+    outlived them, the file stayed; later, two psm_* segments and a semaphore stayed per kill)."""
     pytest.importorskip("vllm")
     out = str(tmp_path / "run")
     args = [*LAUNCH, *RUN, "--rollout", "vllm", "--output_dir", out, "--steps", "50"]
@@ -194,14 +195,22 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
                    if int(os.path.basename(f).split("_")[3]) in pids]
         assert staging, "no staging file found: the test would prove nothing"
         assert len(procs) >= 4, [p.name() for p in procs]  # launcher, 2 ranks, the engine (and the watchdogs)
+        shared = set()  # vLLM's shared memory (its queues' psm_* segments, semaphores), not the staging file
+        for p in procs:
+            try:
+                shared.update(m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/") and
+                              "grpo_vl_weights" not in m.path)
+            except psutil.Error:
+                pass
+        assert shared, "the engine maps no shared memory: the test would prove nothing"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         t0 = time.time()
         gone, alive = psutil.wait_procs(procs[1:], timeout=10)
     assert not alive, f"still running 10 s after kill -9 of the launcher: {[(p.pid, p.cmdline()[:3]) for p in alive]}"
     print(f"all {len(gone)} processes gone {time.time() - t0:.1f} s after the kill")
-    left = [f for f in staging if os.path.exists(f)]
-    assert not left, f"staging files left: {left}"
+    left = [f for f in staging + sorted(shared) if os.path.exists(f)]
+    assert not left, f"staging files and shared memory left: {left}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
