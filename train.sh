@@ -16,7 +16,24 @@ else
 fi
 for a in "$@"; do case $a in -h|--help) exec "$py" "$here/main.py" --help;; esac; done  # once, not per process
 nodes=${NNODES:-1}
-launch=("$py" -m accelerate.commands.launch --config_file "$here/ds_accel.yaml")
+# accelerate's launcher without its own tracebacks (ChildFailedError, SignalException after Ctrl-C) and error log
+# lines: each rank prints its own message; the exit code is passed on, a rank killed by a signal named
+launcher='import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from accelerate.commands.launch import main
+sys.argv[0] = "accelerate launch"
+try:
+    main()
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    if failure.exitcode < 0:
+        print(f"train.sh: training process {rank} was killed by {failure.signal_name()}", file=sys.stderr)
+    sys.exit(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)
+except SignalException as e:
+    sys.exit(128 + int(e.sigval))'
+[[ " $* " == *" --verbose"* ]] || export LOGLEVEL=${LOGLEVEL:-CRITICAL}  # torch's launcher logs
+launch=("$py" -c "$launcher" --config_file "$here/ds_accel.yaml")
 if [ "$gpus" -eq 0 ]; then
   echo "train.sh: no GPU found, so this is the CPU smoke run: tiny random Qwen2-VL, built-in counting data, ZeRO-3 processes on gloo"
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -148,6 +148,25 @@ def test_ctrl_c_then_kill_9_each_resumed_ends_as_the_uninterrupted_run(tmp_path,
 
 
 @pytest.mark.slow
+def test_ctrl_c_of_train_sh_prints_the_way_on_and_no_launcher_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the launcher train.sh became) in the CPU smoke set-up: the line saying how to continue,
+    and none of the launcher's own (before: a 30-line SignalException traceback after it); the exit code says
+    SIGINT."""
+    out = str(tmp_path / "run")
+    env_ = {**env(), "CUDA_VISIBLE_DEVICES": ""}
+    with open(tmp_path / "ctrl_c.log", "w") as log:
+        proc = subprocess.Popen(["bash", "train.sh", "--output_dir", out, "--steps", "6", "--save_steps", "0",
+                                 "--eval_steps", "0", "--max_completion_length", "8"], cwd=ROOT, env=env_,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")), 600, proc, "the first step")
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(120)
+    text = (tmp_path / "ctrl_c.log").read_text()
+    assert code == 128 + signal.SIGINT and text.count("--resume auto") == 1, (code, text[-3000:])
+    assert "Traceback" not in text and "SignalException" not in text and "ChildFailedError" not in text, text[-3000:]
+
+
+@pytest.mark.slow
 def test_a_schedulers_term_to_every_process_checkpoints_and_resumes(tmp_path):
     """SIGTERM to every process of the run at once (Slurm's scancel; the ranks get torchrun's too), vLLM one step
     ahead: the engine dies mid-rollout. The ranks notice its death (vLLM's client waited forever), take the
