@@ -33,18 +33,31 @@ def alive(p):
 
 
 try:
-    watched, launcher = psutil.Process(int(sys.argv[1])), int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+    watched = psutil.Process(int(sys.argv[1]))
 except psutil.Error:  # gone before this started (an early error): nothing was registered, nothing to do
     sys.exit(0)
+try:
+    launcher = int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
+except psutil.Error:  # the launcher is gone already: so goes the rank
+    launcher = None
+SHARED = ("psm_", "sem.mp-")  # the names multiprocessing gives shared memory and semaphores (vLLM's queues)
+
+
+def shared_memory(p):  # /proc/PID/maps: cheap to read, unlike psutil's memory_maps (smaps)
+    with open(f"/proc/{p.pid}/maps") as f:
+        paths = {line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line}
+    return {path for path in paths if os.path.basename(path).startswith(SHARED)}
 procs, paths, pending, fd, shared = [], [], b"", sys.stdin.fileno(), set()
+polls = 0
 while alive(watched):
-    if launcher and not alive(launcher):  # the launcher is gone: the rank goes too
+    if launcher is None or (launcher and not alive(launcher)):  # the launcher is gone: the rank goes too
         procs.append(watched)
         break
-    for p in procs:  # the shared memory the engine's processes map (vLLM's psm_* queues, semaphores): a process
-        try:  # killed by a signal never unlinks it, and once dead its maps can no longer be read
-            shared.update(m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/"))
-        except psutil.Error:
+    polls += 1
+    for p in procs if polls % 4 == 1 else ():  # the shared memory the engine's processes map (vLLM's psm_* queues,
+        try:  # semaphores): a process killed by a signal never unlinks it, and once dead its maps cannot be read
+            shared |= shared_memory(p)
+        except (OSError, IndexError):
             pass
     if fd is None or not select.select([fd], [], [], 0.5)[0]:
         time.sleep(0.5 if fd is None else 0)
@@ -59,6 +72,10 @@ while alive(watched):
         except psutil.Error:
             pass
 for p in procs:  # psutil checks the process's start time: a recycled pid is never killed
+    try:
+        shared |= shared_memory(p)
+    except (OSError, IndexError):
+        pass
     try:
         p.kill()
     except psutil.Error:

@@ -320,11 +320,12 @@ def resolve_output_dir(cfg, is_main):
 
 
 def load_model(path, cfg):
-    """bf16 on GPUs under DeepSpeed (launched by accelerate: it keeps float32 master weights and optimizer state);
+    """bf16 on GPUs under DeepSpeed in bf16 (launched by accelerate: it keeps float32 master weights and optimizer state);
     float32 anywhere else, `python main.py` on a GPU too: a plain optimizer updating bf16 weights in place rounds
     most updates away (10 steps at lr 1e-6 changed 1.9% of the weights)."""
     from transformers import AutoModelForImageTextToText
-    bf16 = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    bf16 = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+        os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"  # the launcher's --mixed_precision (ds_accel.yaml)
     attn = cfg.attn_implementation
     if attn == "auto":
         import importlib.util

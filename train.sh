@@ -26,9 +26,10 @@ sys.argv[0] = "accelerate launch"
 try:
     main()
 except ChildFailedError as e:
+    for rank, failure in e.failures.items():  # a rank killed by a signal printed nothing itself
+        if failure.exitcode < 0:
+            print(f"train.sh: training process {rank} was killed by {failure.signal_name()}", file=sys.stderr)
     rank, failure = e.get_first_failure()
-    if failure.exitcode < 0:
-        print(f"train.sh: training process {rank} was killed by {failure.signal_name()}", file=sys.stderr)
     sys.exit(failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode)
 except SignalException as e:
     sys.exit(128 + int(e.sigval))'

@@ -577,6 +577,7 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         # a stop signal came in that step, and its eval waits for the weight copy a stop skips: it runs now, on
         # the weights and the RNG state its checkpoint saved, as the uninterrupted run ran it
         history[-1] = {**history[-1], **evaluation(history[-1]["step"])}
+        accelerator.log({"eval_accuracy": history[-1]["eval_accuracy"]}, step=history[-1]["step"])
         if accelerator.is_main_process:
             open(metrics_path, "w").close()
             write_jsonl(metrics_path, history)
@@ -758,7 +759,9 @@ def saving(what, path):
             yield
         except SaveError:
             raise
-        except (OSError, SafetensorError) as e:  # safetensors' own error for a failed write (os error 28: ENOSPC)
+        except (OSError, SafetensorError, RuntimeError) as e:  # safetensors' and torch.save's own write errors
+            if isinstance(e, RuntimeError) and "fail" not in str(e) and "write" not in str(e):
+                raise
             shutil.rmtree(path, ignore_errors=True)
             folder = os.path.dirname(path)
             free = f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free" if os.path.isdir(folder) else ""
@@ -772,6 +775,9 @@ def save_final(model, processor, accelerator, out_dir):
     """out_dir/final/: the trained model (save_model), written as final.tmp and renamed once complete."""
     path, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, "final.tmp")
     with saving("the final model", tmp):
+        if writes_checkpoints(accelerator):  # a run killed while writing it left one
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
         save_model(model, processor, accelerator, tmp)
         if writes_checkpoints(accelerator):
             shutil.rmtree(path, ignore_errors=True)

@@ -133,7 +133,7 @@ def test_ctrl_c_then_kill_9_each_resumed_ends_as_the_uninterrupted_run(tmp_path,
         proc = start([*args, "--resume", "auto"], log)
         wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint-4", "trainer_state.json")), 600, proc,
                  "checkpoint-4")
-        time.sleep(random.uniform(0, 2))
+        time.sleep(random.uniform(0, 0.5))  # two steps and the final save are left: over a second on any machine
         procs = tree(proc)
         for p in procs:
             p.kill()
@@ -217,8 +217,8 @@ def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
         shared = set()  # vLLM's shared memory (its queues' psm_* segments, semaphores), not the staging file
         for p in procs:
             try:
-                shared.update(m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/") and
-                              "grpo_vl_weights" not in m.path)
+                shared.update(m.path for m in p.memory_maps() if m.path.startswith(("/dev/shm/psm_",
+                                                                                     "/dev/shm/sem.mp-")))
             except psutil.Error:
                 pass
         assert shared, "the engine maps no shared memory: the test would prove nothing"
