@@ -238,7 +238,7 @@ def check_output_dir(out, model):
     while not os.path.exists(here):
         here = os.path.dirname(here)
     if not os.path.isdir(here):
-        user_error(f"--output_dir {out}: {here} is a file, not a folder: choose another --output_dir")
+        user_error(f"--output_dir {out}: {here} is a file: name a folder")
     try:
         with tempfile.NamedTemporaryFile(dir=here, prefix=".grpo-vl-probe-"):
             pass
