@@ -114,7 +114,8 @@ def parse_config(argv=None):
             flag = dict(nargs="?", const=True) if f.type is bool else {}  # `--debug` alone means true
             shown = "{true,false}" if f.type is bool else "{%s}" % ",".join(f.metadata["choices"]) \
                 if "choices" in f.metadata else {int: "N", float: "X"}.get(f.type, "TEXT")
-            default = f" (default: {str(f.default).lower() if f.type is bool else f.default})" if f.default != "" else ""
+            value = str(f.default).lower() if f.type is bool else f.default
+            default = f" (default: {value})" if f.default != "" else ""
             group.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=shown,
                                help=f"{f.metadata['help']}{default}", **flag)
     parser.error = lambda message: user_error(f"{message} (python main.py --help lists every flag)")  # no usage dump
@@ -206,7 +207,7 @@ def user_error(message):
 
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "report.html", "prompt_images",
-               "final")  # and checkpoint-*
+               "final", "final.tmp")  # and checkpoint-*
 # what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
 STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
 BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0}
@@ -296,7 +297,7 @@ def resolve_output_dir(cfg, is_main):
             if cfg.resume == "auto":
                 print(f"--resume auto: no complete checkpoint in {out}; starting from step 1")
             for e in earlier:
-                if e in RUN_OUTPUTS or e.startswith("checkpoint-") or e == "final.tmp":
+                if e in RUN_OUTPUTS or e.startswith("checkpoint-"):
                     target = os.path.join(out, e)
                     if os.path.isdir(target):
                         shutil.rmtree(target, ignore_errors=True)
@@ -320,9 +321,9 @@ def resolve_output_dir(cfg, is_main):
 
 
 def load_model(path, cfg):
-    """bf16 on GPUs under DeepSpeed in bf16 (launched by accelerate: it keeps float32 master weights and optimizer state);
-    float32 anywhere else, `python main.py` on a GPU too: a plain optimizer updating bf16 weights in place rounds
-    most updates away (10 steps at lr 1e-6 changed 1.9% of the weights)."""
+    """bf16 on GPUs under DeepSpeed in bf16 (accelerate's launcher: DeepSpeed keeps float32 master weights and
+    optimizer state); float32 anywhere else, `python main.py` on a GPU too: a plain optimizer updating bf16 weights
+    in place rounds most updates away (10 steps at lr 1e-6 changed 1.9% of the weights)."""
     from transformers import AutoModelForImageTextToText
     bf16 = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
         os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"  # the launcher's --mixed_precision (ds_accel.yaml)
@@ -381,9 +382,8 @@ def main(cfg):
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
         trainer.OUTPUT_ON_EACH_NODE[:] = [True]
     saved = trainer.saved_state(resume_from) if resume_from else {}
-    layout = rollout_layout(cfg, accelerator)
-    check_resumed_layout(saved, layout, resume_from)
-    overlap, tis = layout[3:]
+    *_, overlap, tis = rollout_layout(cfg, accelerator)
+    check_resumed_layout(saved, overlap, tis, resume_from)
     if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
         start = accelerator.gather(torch.tensor([saved.get("step", 0)], device=accelerator.device)).tolist()
         if len(set(start)) > 1:
@@ -676,13 +676,13 @@ def rollout_layout(cfg, accelerator):
     return rollout, gpu, colocate, overlap, tis
 
 
-def check_resumed_layout(saved, layout, resume_from):
+def check_resumed_layout(saved, overlap, tis, resume_from):
     """A checkpoint records whether its rollouts ran one step ahead and were importance-weighted (--overlap and
     --importance_sampling as resolved): auto may resolve otherwise on other GPUs, and a saved rollout of the
     step ahead trained without its importance weights, or a run that changes its algorithm halfway, is not
     the run that was started."""
     was = saved.get("rollout")
-    now = {"overlap": layout[3], "importance_sampling": layout[4]}
+    now = {"overlap": overlap, "importance_sampling": tis}
     if was is not None and was != now:
         def say(d):
             return (f"rollouts {'one step ahead' if d['overlap'] else 'in step'}, importance sampling "

@@ -8,6 +8,7 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
 - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"),
   added per token with weight beta; beta = 0 loads no reference model.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -748,27 +749,23 @@ class SaveError(OSError):
     """Writing a checkpoint or the final model failed (a full disk, a folder gone read-only): one line."""
 
 
+@contextlib.contextmanager
 def saving(what, path):
     """Context: an OSError while writing `what` becomes a SaveError saying what and how to go on; the half-written
     folder `path` is removed (it would hold the space that ran out)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        try:
-            yield
-        except SaveError:
+    try:
+        yield
+    except SaveError:
+        raise
+    except (OSError, SafetensorError, RuntimeError) as e:  # safetensors' and torch.save's own write errors
+        if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch.save: "... failed writing file ..."
             raise
-        except (OSError, SafetensorError, RuntimeError) as e:  # safetensors' and torch.save's own write errors
-            if isinstance(e, RuntimeError) and "fail" not in str(e) and "write" not in str(e):
-                raise
-            shutil.rmtree(path, ignore_errors=True)
-            folder = os.path.dirname(path)
-            free = f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free" if os.path.isdir(folder) else ""
-            reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1].split(" (os error")[0]
-            raise SaveError(f"{reason} writing {what} in {folder}{free}: free space or fix the folder, then run the "
-                            "same command with --resume auto") from None
-    return scope()
+        shutil.rmtree(path, ignore_errors=True)
+        folder = os.path.dirname(path)
+        free = f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free" if os.path.isdir(folder) else ""
+        reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1].split(" (os error")[0]
+        raise SaveError(f"{reason} writing {what} in {folder}{free}: free space or fix the folder, then run the "
+                        "same command with --resume auto") from None
 
 
 def save_final(model, processor, accelerator, out_dir):
