@@ -12,6 +12,11 @@ import warnings
 import numpy as np
 import torch
 
+if os.environ.get("VLLM_LOGGING_LEVEL") == "ERROR":  # main.quiet_libraries (no --verbose): here too in the engine's
+    # processes (they import this module), where vLLM and torch warn at import, before vLLM sets up its logging
+    for _name in ("vllm", "torch.utils.cpp_extension"):
+        logging.getLogger(_name).setLevel(logging.ERROR)
+
 # ----------------------------------------------------------------------------------------------------------------
 # No orphans. Each training process starts a watchdog (start_guard): a small process in its own session that
 # polls twice a second. When the training process dies in any way (kill -9 included), or the launcher above it
@@ -313,7 +318,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
                       enforce_eager=cfg.vllm_enforce_eager or gpu is None,
                       # CPU: a prompt split over two scheduler steps rewinds its seeded generator, which CPU generators
                       # cannot ("CPU Generator does not use offset"): prompts are prefilled whole there
-                      enable_chunked_prefill=gpu is not None, **extra)
+                      enable_chunked_prefill=gpu is not None, use_tqdm_on_load=cfg.verbose, **extra)
     finally:
         for k, v in saved.items():
             if v is None:

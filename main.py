@@ -4,13 +4,18 @@
     python main.py --help              # every flag, in groups, with its choices and default
 """
 import argparse
+import contextlib
 import dataclasses
+import inspect
+import io
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +23,8 @@ import torch
 import trainer
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
-from utils import (PromptSampler, accuracy_reward, build_tiny_model, format_reward, load_rows, number_reward,
-                   vision_token_ids, write_jsonl, write_report)
+from utils import (DataError, PromptSampler, accuracy_reward, build_tiny_model, counted, format_reward, load_rows,
+                   number_reward, vision_token_ids, write_jsonl, write_report)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
@@ -33,7 +38,7 @@ class Config:
     eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows, at most a fifth, held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
     solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
-    image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, bytes or PIL); rows without one are text-only"})
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, URL, bytes or PIL; rows without one are text-only); none: a text-only dataset"})
     output_dir: str = field(default="outputs/run", metadata={"help": "metrics.jsonl, completions.jsonl, curves.png, checkpoints, final/"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, sampling, tiny model weights)"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
@@ -202,12 +207,17 @@ def check_config(cfg):
 
 
 def user_error(message):
-    """Stops the run for a fixable input: rank 0 prints the message, the other ranks leave quietly."""
-    raise SystemExit(message if int(os.environ.get("RANK", "0")) == 0 else 1)
+    """Stops the run for a fixable input: rank 0 prints the message, the other ranks leave quietly, 10 s
+    later (the launcher ends the job when a rank exits: had one left first, it could kill rank 0 before it
+    printed, as in the checks before training, where no signal handler is installed yet)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        raise SystemExit(message)
+    time.sleep(10)
+    raise SystemExit(1)
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "curves.png", "report.html", "prompt_images",
-               "final", "final.tmp")  # and checkpoint-*
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "eval_completions.jsonl", "curves.png",
+               "report.html", "prompt_images", "final", "final.tmp")  # and checkpoint-*
 # what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
 STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
 BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0}
@@ -227,7 +237,53 @@ def preflight(cfg, is_main):
     resume_from = resolve_output_dir(cfg, is_main)
     data = load_data(cfg)
     check_model(cfg.model)
+    check_data(cfg, data[0], data[1])
     return resume_from, data
+
+
+def check_data(cfg, rows, eval_rows, sample=32):
+    """Builds the prompts of a sample of rows the way training will (question, image opened, prompt length) and
+    checks their solutions for the rewards: a bad question or solution, or a sample of which no row is usable,
+    stops here with one line naming the column, the row and the fix; some unusable rows, a warning (training
+    skips them; with --strict, stops)."""
+    import random
+    import warnings
+
+    from utils import build_prompt, load_processor, skip_reason, solution_problem
+    try:
+        processor = load_processor(cfg.model, TINY)
+    except Exception as e:  # a hub model not in the cache, offline: the rows are checked as training reads them
+        warnings.warn(f"--model {cfg.model}: no processor to check the data's prompts with ({type(e).__name__}); "
+                      "rows are checked as training reads them")
+        return
+    readers = [REWARDS[r] for r in cfg.rewards.split(",") if "solution" in inspect.signature(REWARDS[r]).parameters]
+    lists_ok = all(getattr(fn, "takes_answer_lists", False) for fn in readers)
+    columns = {"problem": cfg.question_column, "solution": cfg.solution_column, "image": cfg.image_column}
+    for name, data in ((f"--dataset {cfg.dataset}", rows), ("the eval rows", eval_rows)):
+        picks = random.Random(cfg.seed).sample(range(len(data)), min(sample, len(data))) if len(data) else []
+        skipped, first = Counter(), None
+        for i in sorted(picks):
+            row, where = data[i], f"row {getattr(data, 'indices', range(len(data)))[i]}"
+            problem = solution_problem(row.get("solution"), lists_ok) if readers else None
+            if problem:
+                user_error(f"{name}, {where}: the solution (column '{cfg.solution_column}') is {problem}")
+            try:
+                build_prompt(processor, row, cfg)
+            except ValueError as e:
+                reason = skip_reason(str(e))
+                column = next((f" (column '{c}')" for k, c in columns.items() if k in reason or
+                               (k == "problem" and "question" in reason)), "")
+                if cfg.strict or "question" in reason:
+                    user_error(f"{name}, {where}: {e}{column}; " + ("fill the question or drop the row"
+                               if "question" in reason else "fix the row, or drop --strict to skip such rows"))
+                skipped[reason] += 1
+                first = first or f"{where}: {e}{column}"
+        if picks and sum(skipped.values()) == len(picks):
+            user_error(f"{name}: none of {len(picks)} sampled rows is usable ({counted(skipped)}); {first}: fix the "
+                       "data, or --image_column / --max_prompt_length")
+        if skipped:
+            warnings.warn(f"{name}: {sum(skipped.values())} of {len(picks)} sampled rows would be skipped "
+                          f"({counted(skipped)}; first: {first}); training skips such rows")
 
 
 def check_output_dir(out, model):
@@ -256,8 +312,8 @@ def check_output_dir(out, model):
 
 def check_paths(cfg):
     """Local files named in the flags exist (else a path would be looked up on the Hub, and fail far later)."""
-    def looks_local(name):
-        return name.startswith((".", "/", "~")) or name.count("/") > 1 or \
+    def looks_local(name):  # (a hub name is owner/name: a first part that is a folder here makes it a path)
+        return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name.split("/")[0]) or \
             os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet")
     for flag in ("dataset", "eval_dataset", "model"):
         name = getattr(cfg, flag)
@@ -355,6 +411,7 @@ def set_trainable(model, trainable):
 
 def main(cfg):
     from accelerate.utils import set_seed
+    started = time.time()
 
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") == "cpu":
         raise SystemExit("DS_ACCELERATOR=cpu is set but a GPU is visible: DeepSpeed's CPU accelerator under NCCL "
@@ -363,6 +420,9 @@ def main(cfg):
     torch.set_float32_matmul_precision("high")  # TF32 for what float32 matmuls remain (the LM head's are bf16 GEMMs)
     # each node's first process tidies its output_dir (per node disk); a bad input stops before any model loads
     resume_from, (rows, eval_rows, eval_source) = preflight(cfg, is_main=int(os.environ.get("LOCAL_RANK", "0")) == 0)
+    if int(os.environ.get("RANK", "0")) == 0:  # the first line, before the seconds of loading
+        print(f"grpo-vl: loading {cfg.model}{' (a tiny random model, built offline)' if cfg.model in TINY else ''}"
+              f"{', resuming ' + resume_from if resume_from else ''} ...", flush=True)
     start_guard()  # this process, and the vLLM engine it starts, end when it or the launcher dies
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (torchrun passes it on) or a scheduler's TERM
         signal.signal(sig, stop_after_this_step)
@@ -373,7 +433,8 @@ def main(cfg):
     # which broadcasts CPU tensors over NCCL and fails on GPUs; DeepSpeed shards the loaded model in prepare()
     model = load_model(path, cfg)
     ref_model = load_model(path, cfg) if cfg.beta > 0 else None
-    accelerator = make_accelerator(cfg)
+    with contextlib.redirect_stdout(io.StringIO()) if not cfg.verbose else contextlib.nullcontext():
+        accelerator = make_accelerator(cfg)  # (DeepSpeed prints that its CPU op is built)
     if cfg.debug and accelerator.is_main_process:
         import debugpy
         debugpy.listen(("0.0.0.0", 5678))
@@ -404,11 +465,15 @@ def main(cfg):
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
     reward_funcs = {r: REWARDS[r] for r in cfg.rewards.split(",")}
-    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
     eval_prompts = []
-    if eval_rows:
+    if eval_rows:  # before the engine starts: a DataError here stops every rank with one message
         eval_sampler = PromptSampler(eval_rows, processor, cfg, accelerator.process_index, accelerator.num_processes)
-        eval_prompts = eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes))
+        try:
+            eval_prompts = trainer.on_every_rank(
+                lambda: eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes)), DataError, accelerator)
+        except DataError as e:
+            user_error(f"the eval rows: {e}")
+    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
         zero += ", compiled layers" if model.model.language_model.layers[0]._compiled_call_impl is not None else ""
@@ -428,7 +493,7 @@ def main(cfg):
                                 overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
     except trainer.Stopped as e:
         history, stopped = e.history, e
-    except (trainer.NonFiniteGradient, trainer.RewardError) as e:  # raised on every rank together
+    except (trainer.NonFiniteGradient, trainer.RewardError, DataError) as e:  # raised on every rank together
         user_error(str(e))
     finally:
         if llm is not None:
@@ -436,6 +501,10 @@ def main(cfg):
 
     if not stopped:
         trainer.save_final(policy, processor, accelerator, cfg.output_dir)
+    skipped = Counter(dict(sampler.skipped))
+    if accelerator.num_processes > 1:  # the end summary counts every rank's skipped rows
+        from accelerate.utils import gather_object
+        skipped = sum((Counter(c) for c in gather_object([dict(sampler.skipped)])), Counter())
     if accelerator.is_main_process and history:
         write_report(cfg.output_dir, history, cfg.steps)  # curves.png and report.html
         if stopped:
@@ -443,8 +512,8 @@ def main(cfg):
                   f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, report in {cfg.output_dir}/report.html; "
                   "continue with the same command and --resume auto", flush=True)
         else:
-            print(f"done: {history[-1]['step']} steps; final model in {cfg.output_dir}/final, report in "
-                  f"{cfg.output_dir}/report.html")
+            print(run_summary(history, skipped, time.time() - started))
+            print(f"final model in {cfg.output_dir}/final, report in {cfg.output_dir}/report.html")
     accelerator.end_training()
     import torch.distributed as dist
     if dist.is_initialized():
@@ -455,6 +524,19 @@ def main(cfg):
     if stopped:
         raise SystemExit(128 + stopped.signum)
     return history
+
+
+def run_summary(history, skipped, seconds):
+    """'done: 200 steps in 41m03s; reward 0.085 -> 0.412 (number 0.10 -> 0.55, format 0.00 -> 0.01); eval accuracy
+    0.12 -> 0.31; skipped rows: none': first step against the mean of the last five (or fewer)."""
+    first, last = history[0], history[-5:]
+    span = lambda k: f"{first[k]:.3f} -> {sum(m[k] for m in last) / len(last):.3f}"
+    parts = ", ".join(f"{k[len('reward/'):]} {span(k)}" for k in first if k.startswith("reward/"))
+    evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
+    return (f"done: {history[-1]['step']} steps in {int(seconds // 60)}m{int(seconds % 60):02d}s; reward "
+            f"{span('reward_mean')}" + (f" ({parts})" if parts else "")
+            + (f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}" if evals else "")
+            + f"; skipped rows: {counted(skipped) if skipped else 'none'}")
 
 
 def micro_batches_per_step(cfg):
@@ -610,8 +692,10 @@ def check_model(name):
     try:
         kind = AutoConfig.from_pretrained(name).model_type
     except Exception as e:  # not found, not a model folder, no network for a hub name, ...
-        user_error(f"--model {name}: cannot read its config ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                   "give a local Qwen2-VL / Qwen2.5-VL folder or a hub name such as Qwen/Qwen2-VL-2B-Instruct")
+        here = "" if os.path.exists(name) else f"no such folder ({os.path.abspath(name)}) and, as a hub name, "
+        user_error(f"--model {name}: {here}cannot read its config ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL / Qwen2.5-VL folder or a hub name such "
+                   "as Qwen/Qwen2-VL-2B-Instruct")
     if kind not in ("qwen2_vl", "qwen2_5_vl"):
         user_error(f"--model {name} is a '{kind}' model: this trainer takes Qwen2-VL or Qwen2.5-VL "
                    "(model_type qwen2_vl or qwen2_5_vl)")
@@ -774,14 +858,16 @@ def quiet_libraries():
     """Library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation warnings) down to
     errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
     for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                     TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
+                     HF_DATASETS_DISABLE_PROGRESS_BARS="1", TORCH_CPP_LOG_LEVEL="ERROR",
+                     PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
                      TOKENIZERS_PARALLELISM="false").items():
         os.environ.setdefault(k, v)
     import logging
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for name in ("torch", "DeepSpeed", "deepspeed", "accelerate"):
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, not file:line and source
+    for name in ("torch", "DeepSpeed", "deepspeed", "accelerate", "vllm"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

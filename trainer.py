@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
-from utils import (RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos, save_thumbnail, write_jsonl,
-                   write_report)
+from utils import (DataError, RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos, extract_answer,
+                   save_thumbnail, write_jsonl, write_report)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,12 +400,27 @@ def hf_generate(model, prompts, n, pad_id, max_new_tokens, temperature=1.0, top_
             [logps[i * n:(i + 1) * n] for i in range(len(prompts))])
 
 
-def rollout(sampler, generate, cfg, eos_ids, pad_id, background=False, sync_follows=False):
+def on_every_rank(fn, error_type, accelerator=None):
+    """fn() on every rank; an error_type raised on any rank is raised on every rank with that rank's message, before
+    the collectives that follow (which the failed rank would never join: the others would wait there)."""
+    try:
+        result, failed = fn(), None
+    except error_type as e:
+        result, failed = None, str(e)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+        failed = next((f for f in gather_object([failed]) if f), None)
+    if failed:
+        raise error_type(failed)
+    return result
+
+
+def rollout(sampler, generate, cfg, eos_ids, pad_id, background=False, sync_follows=False, accelerator=None):
     """This rank's prompts and G completions for each, cut at the first EOS and at max_completion_length:
     (rows, prompts, completions, ended, sampler log-probs). background=True (vLLM only): returns at once a
     function that waits for them, while the engine generates. sync_follows: the weights are copied into the
     engine before its next generate (a colocated engine may then drop its own while it sleeps)."""
-    rows_prompts = sampler.next(cfg.prompts_per_step)
+    rows_prompts = on_every_rank(lambda: sampler.next(cfg.prompts_per_step), DataError, accelerator)
     rows, prompts = [r for r, _ in rows_prompts], [p for _, p in rows_prompts]
     if background:
         result = generate(prompts, cfg.num_generations, background=True, sync_follows=sync_follows)
@@ -434,15 +449,7 @@ def score(rows, texts, reward_funcs, weights, cfg, accelerator=None):
     failed (RewardError) on any rank stops every rank with that rank's message, before the update's collectives."""
     G = cfg.num_generations
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
-    try:
-        per_reward, failed = compute_rewards(reward_funcs, texts, columns), None
-    except RewardError as e:
-        per_reward, failed = None, str(e)
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-        failed = next((f for f in gather_object([failed]) if f), None)
-    if failed:
-        raise RewardError(failed)
+    per_reward = on_every_rank(lambda: compute_rewards(reward_funcs, texts, columns), RewardError, accelerator)
     rewards = torch.stack([w * torch.tensor(v, dtype=torch.float64) for w, v in zip(weights, per_reward.values())])
     rewards = rewards.nansum(0).float()
     return per_reward, rewards, group_advantages(rewards, G, cfg.scale_rewards)
@@ -521,12 +528,14 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
 # The loop.
 
 def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
-    """Accuracy of one sampled completion per held-out prompt, averaged over all processes."""
+    """Accuracy of one sampled completion per held-out prompt, averaged over all processes, and this process's
+    (row, completion, correct) for the report."""
     rows, prompts = [r for r, _ in eval_prompts], [p for _, p in eval_prompts]
     samples, _ = generate(prompts, 1)
     texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in samples], skip_special_tokens=True)
-    acc = torch.tensor(accuracy_reward(texts, [r["solution"] for r in rows]), device=accelerator.device)
-    return accelerator.gather(acc).float().mean().item()
+    correct = accuracy_reward(texts, [r["solution"] for r in rows])
+    acc = torch.tensor(correct, device=accelerator.device)
+    return accelerator.gather(acc).float().mean().item(), list(zip(rows, texts, correct))
 
 
 STOP = []  # [signal, time] of the SIGINT/SIGTERM that asked this process to stop after the current step
@@ -567,9 +576,12 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     history = list(history or [])
 
     def evaluation(step):  # after step's update and weight copy; draws from the rollouts' RNG
-        acc = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
+        acc, samples = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
         if accelerator.is_main_process:
             tqdm.write(f"step {step}: eval_accuracy {acc:.3f} ({eval_source})")
+            write_jsonl(os.path.join(out_dir, "eval_completions.jsonl"), [
+                {"step": step, "problem": r.get("problem"), "solution": r.get("solution"), "completion": text,
+                 "answer": extract_answer(text), "correct": c} for r, text, c in samples[:8]])
         return {"eval_accuracy": acc, "eval_source": eval_source}
 
     def eval_due(step):
@@ -589,14 +601,14 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         t0 = time.time()
         # every rollout is followed by the weight copy at the end of this step (or by no generate at all: a stop)
         batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id,
-                                   sync_follows=sync_weights is not None)
+                                   sync_follows=sync_weights is not None, accelerator=accelerator)
         rows, prompts, completions, ended, sampler_logps = batch
         # one step off: the engine samples the next step's batch with the weights it holds (before this update)
         next_batch = None
         if overlap and step < cfg.steps:
             before_next = sampler.state_dict(), torch.get_rng_state()  # to undo it if the engine dies meanwhile
             next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True,
-                                 sync_follows=sync_weights is not None)
+                                 sync_follows=sync_weights is not None, accelerator=accelerator)
         t_gen = time.time()
         texts = tok.batch_decode(completions, skip_special_tokens=True)
         per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg, accelerator)
@@ -675,12 +687,15 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
                           if j < len(rows)]
                 write_jsonl(samples_path, [{"step": step, "problem": rows[i // G].get("problem"),
                                             "solution": rows[i // G].get("solution"), "image": images[i // G],
-                                            "completion": texts[i], **{k: v[i] for k, v in per_reward.items()},
-                                            "advantage": advantages[i].item()}
+                                            "completion": texts[i], "answer": extract_answer(texts[i]),
+                                            **{k: v[i] for k, v in per_reward.items()},
+                                            "total": rewards[i].item(), "advantage": advantages[i].item()}
                                            for i in range(min(len(texts), 2 * G))])
                 write_report(out_dir, history, cfg.steps)
-            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", acc=f"{m.get('accuracy', float('nan')):.2f}",
-                            kl=f"{m['kl']:.4f}", len=f"{m['completion_len_mean']:.0f}", s=f"{m['step_s']:.1f}")
+            # the weighted total, then each reward's mean (what a run learns first is often one of them)
+            bar.set_postfix({"reward": f"{m['reward_mean']:.3f}",
+                             **{k[len("reward/"):]: f"{m[k]:.2f}" for k in m if k.startswith("reward/")},
+                             "kl": f"{m['kl']:.4f}", "len": f"{m['completion_len_mean']:.0f}", "s": f"{m['step_s']:.1f}"})
         accelerator.log(m, step=step)
         if stop or (cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps)):
             save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending,

@@ -85,8 +85,13 @@ def answers_match(answer, solution):
 
 
 def accuracy_reward(completions, solution, **columns):
-    """1.0 when the last <answer>...</answer> equals the solution (numbers, letters, LaTeX), else 0.0."""
-    return [float(answers_match(extract_answer(c), s)) for c, s in zip(completions, solution)]
+    """1.0 when the last <answer>...</answer> equals the solution (numbers, letters, LaTeX), or one of them when a
+    row's solution is a list of accepted answers, else 0.0."""
+    return [float(any(answers_match(extract_answer(c), a) for a in (s if isinstance(s, list) else [s])))
+            for c, s in zip(completions, solution)]
+
+
+accuracy_reward.takes_answer_lists = True  # the data check lets list-valued solutions through to it
 
 
 def format_reward(completions, **columns):
@@ -243,6 +248,9 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
 def load_rows(name, split, question_column, solution_column, image_column, seed=0):
     """Rows of a dataset: 'counting' (built in), a local json/jsonl/parquet file, or a hub dataset name.
     Renames the user's columns to problem/solution/image and checks they exist."""
@@ -271,9 +279,19 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
         if col not in ds.column_names:
             raise ValueError(f"--dataset {name}: column '{col}' is missing (columns: {ds.column_names}); "
                              f"name the right one with {flag}")
-    if image_column and image_column not in ds.column_names:
-        warnings.warn(f"--dataset {name}: no image column '{image_column}' ({ds.column_names}); text-only prompts "
-                      "(set --image_column to the right name to use images)")
+    if image_column == "none":  # text-only by the user's choice
+        image_column = None
+    elif image_column not in ds.column_names:
+        first = ds[0] if len(ds) else {}
+        looks = [c for c in ds.column_names if isinstance(ds.features[c], datasets.Image)
+                 or re.search(r"image|img|picture|photo", c, re.I) or
+                 (isinstance(first.get(c), str) and first[c].lower().endswith(IMAGE_EXTENSIONS))]
+        if looks:
+            raise ValueError(f"--dataset {name}: no column '{image_column}', but '{looks[0]}' looks like images: name "
+                             f"it with --image_column {looks[0]}, or give --image_column none to train text-only")
+        warnings.warn(f"--dataset {name}: no image column '{image_column}' ({ds.column_names}): text-only prompts "
+                      "(--image_column none says so and silences this)")
+        image_column = None
     if "completions" in ds.column_names:
         raise ValueError(f"--dataset {name} has a column named 'completions', the argument every reward takes the "
                          "completions by: rename that column")
@@ -336,6 +354,22 @@ class DatasetRows:
         return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
 
 
+def load_processor(model, tiny_kinds):
+    """The model's processor, as training will have it (a tiny model's is built in memory, like build_tiny_model's),
+    without loading any weights."""
+    if model in tiny_kinds:
+        return tiny_processor()
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(model)
+
+
+def tiny_processor():
+    """Qwen2-VL's image processor with the local BPE tokenizer (no hub): the tiny models' processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
+                            video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
 def build_prompt(processor, row, cfg):
     """Tokenised prompt for one row: a dict of the processor's tensors (batch dim 1) plus 'image'.
     Raises ValueError with the reason when the row must be skipped (unreadable image, prompt too long)."""
@@ -354,27 +388,58 @@ def build_prompt(processor, row, cfg):
     return {"text": text, "image": image, "image_pad_id": image_pad_id, **enc}
 
 
+def skip_reason(message):
+    """The reason a row is skipped, from build_prompt's message: what the counts are kept by."""
+    return "prompt over --max_prompt_length" if message.startswith("prompt of ") else message.split(" (")[0]
+
+
+def solution_problem(value, lists_ok):
+    """What is wrong with a row's solution for the rewards (None if nothing): each reward compares completions with
+    it, so it must be a non-empty string or number, or (lists_ok: every reward that reads it takes them) a
+    non-empty list of those."""
+    if isinstance(value, list) and lists_ok:
+        return "an empty list" if not value else next(filter(None, (solution_problem(v, False) for v in value)), None)
+    if isinstance(value, list):
+        return (f"a list ({str(value)[:60]}), and a reward in --rewards takes one answer per row: give one answer, "
+                "or use rewards that take lists (accuracy does)")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "empty: every row needs the answer its completions are scored against (fill it or drop the row)"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"a {type(value).__name__} ({str(value)[:60]}): give the answer as text or a number"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value}: give a finite number or text"
+    return None
+
+
+class DataError(ValueError):
+    """The data cannot feed training (too few usable rows, or a bad row under --strict): trainer.rollout stops
+    every rank with one message."""
+
+
 class PromptSampler:
     """Endless shuffled stream of tokenised prompts; rows that cannot be used are skipped and counted (or raise
-    with --strict). Each process gets its own shard of the rows."""
+    with --strict). Each epoch every process draws the same shuffle of all the rows and takes every world-th of it
+    from its rank on (torch's DistributedSampler's way): the processes' rows are disjoint within an epoch, and bad
+    rows, wherever they sit in the data, fall to every process alike (a fixed rows[rank::world] gave one rank every
+    odd row: with every second image unreadable it had none to train on)."""
 
     def __init__(self, rows, processor, cfg, rank=0, world=1, seed=0):
         if not rows:
             raise ValueError("the dataset is empty: point --dataset at data with rows")
-        shard = rows[rank::world]
-        self.rows, self.processor, self.cfg = shard if len(shard) else rows, processor, cfg
-        # where each of this process's rows sits in the data (file rows for a dataset), for messages
-        self.origin = getattr(self.rows, "indices", range(rank, len(rows), world) if len(shard) else range(len(rows)))
-        self.rng, self.order, self.skipped = random.Random(seed + rank), [], Counter()
+        self.rows, self.processor, self.cfg, self.rank, self.world = rows, processor, cfg, rank, world
+        self.origin = getattr(rows, "indices", range(len(rows)))  # where each row sits in the data, for messages
+        self.rng, self.order, self.skipped, self.tried = random.Random(seed), [], Counter(), 0
 
     def next(self, n):
         out, tries = [], 0
         while len(out) < n:
-            if not self.order:
-                self.order = list(range(len(self.rows)))
-                self.rng.shuffle(self.order)
+            if not self.order:  # a new epoch: the same permutation on every rank (one seed), this rank's share
+                order = list(range(len(self.rows)))
+                self.rng.shuffle(order)
+                self.order = order[self.rank::self.world] if len(order) >= self.world else order
             index = self.order.pop()
             row = self.rows[index]
+            self.tried += 1
             try:
                 out.append((row, build_prompt(self.processor, row, self.cfg)))
             except ValueError as e:
@@ -382,24 +447,31 @@ class PromptSampler:
                 e = ValueError(f"{e} (image {image!r})" if isinstance(image, str) else
                                f"{e} (row {self.origin[index]} of the data)")
                 if self.cfg.strict:
-                    raise ValueError(f"{e} (question: {str(row.get('problem'))[:80]!r}); drop --strict to skip "
-                                     "such rows") from e
-                reason = message.split(" (")[0] if "image" in message else message.split(" of ")[0]
-                self.skipped[reason] += 1
+                    raise DataError(f"{e} (question: {str(row.get('problem'))[:80]!r}); drop --strict to skip "
+                                    "such rows") from e
+                self.skipped[skip_reason(message)] += 1
                 if sum(self.skipped.values()) in (1, 10, 100, 1000):
                     warnings.warn(f"skipped rows so far: {dict(self.skipped)}; last: {e}")
                 tries += 1
                 if tries > 100 * n and not out:
-                    raise ValueError(f"no usable row in {tries} tries ({dict(self.skipped)}): check the images "
-                                     "and --max_prompt_length") from e
+                    raise DataError(f"too few usable rows in the data: none in {tries} tries, "
+                                    f"{sum(self.skipped.values())} of {self.tried} rows tried were skipped "
+                                    f"({counted(self.skipped)}); last: {e}. Check the images and "
+                                    "--max_prompt_length") from e
         return out
 
     def state_dict(self):  # the data position, for a resumable checkpoint
-        return {"rng": self.rng.getstate(), "order": list(self.order), "skipped": dict(self.skipped)}
+        return {"rng": self.rng.getstate(), "order": list(self.order), "skipped": dict(self.skipped),
+                "tried": self.tried}
 
     def load_state_dict(self, state):
         self.rng.setstate(state["rng"])
-        self.order, self.skipped = list(state["order"]), Counter(state["skipped"])
+        self.order, self.skipped, self.tried = list(state["order"]), Counter(state["skipped"]), state.get("tried", 0)
+
+
+def counted(reasons):
+    """'unreadable image: 380, prompt over --max_prompt_length: 21' from {reason: count}, most first."""
+    return ", ".join(f"{k}: {v}" for k, v in Counter(reasons).most_common())
 
 
 def collate(prompts, completions, pad_id, share_images=False):
@@ -485,7 +557,8 @@ def build_tiny_tokenizer(vocab_size=512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=vocab_size, special_tokens=QWEN_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=QWEN_SPECIAL[1:], chat_template=CHAT_TEMPLATE)
 
@@ -515,15 +588,9 @@ def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
 
 
 def _build_tiny_model(path, kind, seed, processor_from):
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                              Qwen2VLVideoProcessor)
-    from transformers import AutoProcessor
-    if processor_from:
-        processor = AutoProcessor.from_pretrained(processor_from)
-    else:
-        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
-                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(processor_from) if processor_from else tiny_processor()
     tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     text = dict(vocab_size=64 * math.ceil(len(tok) / 64), hidden_size=128, intermediate_size=256,
@@ -564,11 +631,15 @@ def write_jsonl(path, rows):
 # What a run shows while it goes: curves.png and report.html in output_dir (trainer.train rewrites them).
 
 def plot_curves(history, path):
-    """Six panels per step, as a PNG: rewards (mean and each reward), accuracy and eval accuracy, KL, completion
-    length, clip fraction, and the step time split."""
+    """Six panels per step, as a PNG: rewards (the weighted total and each reward), accuracy and eval accuracy, KL,
+    completion length, clip fraction, and the step time split. A curve equal to one drawn before it in its panel
+    (one reward: the total is that reward) is dashed, so that neither hides the other; steps are whole numbers;
+    the step-time panel is scaled to the steps after the first (which loads and compiles) when that one is over
+    twice the rest."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     panels = [("reward", ["reward_mean"] + sorted(k for k in history[0] if k.startswith("reward/"))),
               ("accuracy", ["accuracy", "eval_accuracy"]), ("KL to the reference", ["kl"]),
               ("completion length (tokens)", ["completion_len_mean", "completion_len_max"]),
@@ -576,12 +647,25 @@ def plot_curves(history, path):
               ("step time (s)", ["generate_s", "reward_s", "train_s", "sync_s"])]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, keys) in zip(axes.flat, panels):
+        drawn = {}
         for key in keys:
             points = [(m["step"], m[key]) for m in history if key in m and m[key] == m[key]]
-            if points:
-                ax.plot(*zip(*points), label=key, marker="o" if key == "eval_accuracy" or len(points) < 3 else None)
+            if not points:
+                continue
+            same = next((k for k, p in drawn.items() if p == points), None)
+            ax.plot(*zip(*points), label=key + (f" (= {same})" if same else ""), linestyle="--" if same else "-",
+                    linewidth=2.5 if key == "reward_mean" else 1.5,
+                    marker="o" if key == "eval_accuracy" or len(points) < 3 else None)
+            drawn[key] = points
+        if title.startswith("step time") and len(history) > 2:
+            later = max(sum(m.get(k, 0) for k in keys) for m in history[1:])
+            first = max(history[0].get(k, 0) for k in keys)
+            if later > 0 and first > 2 * later:
+                ax.set_ylim(0, 1.15 * later)
+                title += f" (step {history[0]['step']}: {first:.0f} s, off the scale)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
@@ -603,48 +687,86 @@ def save_thumbnail(image, out_dir, name):
     return f"prompt_images/{name}.png"
 
 
+def run_identity(out_dir):
+    """[(what, value)] of the run in out_dir: its model, data, seed and every flag (config.json, written when it
+    started), the start time and this code's git commit."""
+    import datetime
+    import subprocess
+    path = os.path.join(out_dir, "config.json")
+    cfg = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cfg = json.load(f)
+    started = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M") if cfg else "?"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    return [("model", cfg.get("model", "?")), ("dataset", cfg.get("dataset", "?")), ("seed", cfg.get("seed", "?")),
+            ("rewards", cfg.get("rewards", "?")), ("started", started), ("commit", commit)], cfg
+
+
 def write_report(out_dir, history, total_steps, last_steps=10):
-    """out_dir/report.html, rewritten as the run goes and readable offline: the curves (curves.png), the latest
-    metrics, and for the last `last_steps` logged steps each prompt's image, question and solution with its
-    completions, their rewards and advantages (from completions.jsonl)."""
+    """out_dir/report.html, rewritten as the run goes (the page reloads itself every 30 s until the last step) and
+    readable offline: what ran (model, data, seed, every flag, start, commit), the curves (curves.png), the
+    latest metrics, for the last `last_steps` logged steps each prompt's image, question and solution with its
+    completions, their parsed answers, rewards, weighted total and advantages (from completions.jsonl), and the
+    latest evaluation's completions (eval_completions.jsonl)."""
     from html import escape
     if not history:
         return
     plot_curves(history, os.path.join(out_dir, "curves.png"))
-    samples = []
-    if os.path.exists(os.path.join(out_dir, "completions.jsonl")):
-        with open(os.path.join(out_dir, "completions.jsonl")) as f:
-            samples = [json.loads(line) for line in f if line.strip()]
+
+    def read(name):
+        path = os.path.join(out_dir, name)
+        return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    samples, evals = read("completions.jsonl"), read("eval_completions.jsonl")
     steps = sorted({s["step"] for s in samples}, reverse=True)[:last_steps]
     last = history[-1]
     fields = [k for k in ("reward_mean", "accuracy", "eval_accuracy", "kl", "completion_len_mean", "clip_frac",
                           "step_s", "sampler_logp_diff") if k in last]
-    html = ["<!doctype html><html><head><meta charset='utf-8'><title>grpo-vl report</title><style>"
+    identity, cfg = run_identity(out_dir)
+    cell = lambda v: f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{'' if v is None else escape(str(v))}</td>"
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>grpo-vl report</title>"
+            + ("<meta http-equiv='refresh' content='30'>" if last["step"] < total_steps else "") + "<style>"
             "body{font:14px sans-serif;margin:1.5em;max-width:1400px}td,th{border:1px solid #ccc;padding:3px 6px;"
             "vertical-align:top;text-align:left}table{border-collapse:collapse;margin:.4em 0 1.2em}"
             ".c{white-space:pre-wrap;font-family:monospace;max-width:700px}img.t{float:left;margin:0 1em 1em 0}"
             ".p{overflow:hidden;border-top:1px solid #ddd;padding-top:.6em}</style></head><body>",
-            f"<h1>grpo-vl: {escape(out_dir)}</h1><p>step {last['step']} of {total_steps}</p><table><tr>"
-            + "".join(f"<th>{k}</th>" for k in fields) + "</tr><tr>"
+            f"<h1>grpo-vl: {escape(out_dir)}</h1><p>step {last['step']} of {total_steps}</p><table class='run'><tr>"
+            + "".join(f"<th>{k}</th>" for k, _ in identity) + "</tr><tr>" + "".join(cell(v) for _, v in identity)
+            + "</tr></table><details><summary>every flag</summary><table>"
+            + "".join(f"<tr><td>--{escape(k)}</td>{cell(v)}</tr>" for k, v in cfg.items()) + "</table></details>"
+            "<table><tr>" + "".join(f"<th>{k}</th>" for k in fields) + "</tr><tr>"
             + "".join(f"<td class='m'>{last[k]:.4g}</td>" for k in fields) + "</tr></table>",
-            f"<img src='curves.png?{last['step']}' alt='curves' width='100%'><h2>Samples</h2>"]
+            f"<img src='curves.png?{last['step']}' alt='curves' width='100%'>"]
+    if evals:
+        step = evals[-1]["step"]
+        html.append(f"<h2>Eval samples (step {step})</h2><table><tr><th>question</th><th>solution</th>"
+                    "<th>completion</th><th>answer</th><th>correct</th></tr>"
+                    + "".join(f"<tr>{cell(e['problem'])}{cell(e['solution'])}<td class='c'>{escape(e['completion'])}"
+                              f"</td>{cell(e['answer'])}{cell(e['correct'])}</tr>" for e in evals if e["step"] == step)
+                    + "</table>")
+    html.append("<h2>Samples</h2>")
     for step in steps:
         html.append(f"<h3>step {step}</h3>")
         groups = {}
         for s in samples:
             if s["step"] == step:
-                groups.setdefault((s.get("problem"), s.get("solution"), s.get("image")), []).append(s)
-        for (problem, solution, image), group in groups.items():
-            rewards = [k for k in group[0] if k not in ("step", "problem", "solution", "image", "completion",
-                                                        "advantage")]
+                # json text as the key: a solution may be a list of accepted answers (unhashable)
+                groups.setdefault(json.dumps([s.get("problem"), s.get("solution"), s.get("image")]), []).append(s)
+        for key, group in groups.items():
+            problem, solution, image = json.loads(key)
+            columns = [k for k in group[0] if k not in ("step", "problem", "solution", "image", "completion",
+                                                        "advantage")]  # answer, each reward, total
             html.append("<div class='p'>" + (f"<img class='t' src='{escape(image)}' alt='prompt image'>" if image else "")
                         + f"<p><b>question</b> {escape(str(problem))}</p><p><b>solution</b> {escape(str(solution))}"
-                        "</p><table><tr><th>completion</th>" + "".join(f"<th>{escape(k)}</th>" for k in rewards)
+                        "</p><table><tr><th>completion</th>" + "".join(f"<th>{escape(k)}</th>" for k in columns)
                         + "<th>advantage</th></tr>")
             for s in group:
                 html.append(f"<tr><td class='c'>{escape(s['completion'])}</td>"
-                            + "".join(f"<td>{s[k]:.3f}</td>" if isinstance(s[k], float) else f"<td>{s[k]}</td>"
-                                      for k in rewards) + f"<td>{s['advantage']:+.3f}</td></tr>")
+                            + "".join(cell(s.get(k)) for k in columns) + f"<td>{s['advantage']:+.3f}</td></tr>")
             html.append("</table></div>")
     html.append("</body></html>")
     with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:

@@ -42,15 +42,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def headless_chromium():
-    """A real headless Chromium (for the report test): @sparticuz/chromium, a self-contained Linux build from the
-    npm registry, installed once into .venv/browser and unpacked by its own code (to /tmp/chromium), driven by
-    Playwright (pip). Playwright's own browser download needs a CDN this machine cannot reach."""
+def chromium_executable():
+    """A real headless Chromium: @sparticuz/chromium, a self-contained Linux build from the npm registry, installed
+    once into .venv/browser and unpacked by its own code (to /tmp/chromium), driven by Playwright (pip).
+    Playwright's own browser download needs a CDN this machine cannot reach. Its path, or None without npm."""
     import shutil
     if shutil.which("npm") is None or shutil.which("node") is None:
-        pytest.skip("needs node and npm (the npm registry) to fetch a headless Chromium")
-    pytest.importorskip("playwright")
+        return None
     prefix = os.path.join(ROOT, ".venv", "browser")
     package = os.path.join(prefix, "node_modules", "@sparticuz", "chromium")
     if not os.path.isdir(package):
@@ -60,3 +58,13 @@ def headless_chromium():
     out = subprocess.run(["node", "--input-type=module", "-e", script], cwd=prefix, check=True, capture_output=True,
                          text=True, timeout=300)
     return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def headless_chromium():
+    """chromium_executable() for the report test (skipped without node and npm, or Playwright)."""
+    pytest.importorskip("playwright")
+    path = chromium_executable()
+    if path is None:
+        pytest.skip("needs node and npm (the npm registry) to fetch a headless Chromium")
+    return path

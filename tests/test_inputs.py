@@ -35,6 +35,7 @@ BAD_FLAGS = [
     (["--dataset", "mydata.jsonl"], "--dataset mydata.jsonl: no such file or folder"),
     (["--eval_dataset", "data/test.parquet"], "--eval_dataset data/test.parquet: no such file or folder"),
     (["--model", "./my-model"], "--model ./my-model: no such file or folder"),
+    (["--model", "tests/my-model"], "--model tests/my-model: no such file or folder"),  # not a hub id: tests/ is here
     (["--resume", "auto", "--overwrite", "true"], "--resume and --overwrite true contradict each other"),
     (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
     (["--rewards", "accuracy,nope"], "unknown ['nope']"),
@@ -185,7 +186,7 @@ def test_report_to_tensorboard_logs_the_metrics(tmp_path):
     assert {"reward_mean", "kl", "step_s", "sampler_logp_diff"} <= scalars, scalars
 
 
-def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_path, tiny_qwen2_vl):
+def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_share(tmp_path, tiny_qwen2_vl):
     """Before: every rank held every row of the file in memory, images included (tests/bench_data_memory.py: a
     1 GB parquet of images cost 3.8 GB per rank, now 1.0 GB)."""
     import datasets
@@ -203,32 +204,46 @@ def test_file_rows_are_read_when_sampled_and_each_rank_reads_only_its_own(tmp_pa
     rows = utils.load_rows(str(tmp_path / "d.parquet"), "train", "problem", "solution", "image")
     assert not isinstance(rows, list) and len(rows) == 10
     sampler = utils.PromptSampler(rows, AutoProcessor.from_pretrained(tiny_qwen2_vl), main.Config(), rank=1, world=2)
-    assert list(sampler.rows.indices) == [1, 3, 5, 7, 9]
-    assert {int(row["solution"]) % 2 for row, _ in sampler.next(8)} == {1}
+    assert len(sampler.next(5)) == 5 and sampler.tried == 5  # half an epoch of 10 rows: 5 rows read, no more
     train, held, _ = main.load_data(main.Config(dataset=str(tmp_path / "d.parquet"), eval_size=2))
     assert len(train) == 8 and len(held) == 2 and not isinstance(held, list)
     assert {r["solution"] for r in train}.isdisjoint(r["solution"] for r in held)
-    for rank in (0, 1):  # each rank's share of the training rows: held-out rows never among them
-        mine = utils.PromptSampler(train, AutoProcessor.from_pretrained(tiny_qwen2_vl), main.Config(), rank, 2).rows
-        assert [r["solution"] for r in mine] == [r["solution"] for r in train][rank::2]
+    shares = [[r["solution"] for r, _ in utils.PromptSampler(train, AutoProcessor.from_pretrained(tiny_qwen2_vl),
+                                                            main.Config(), rank, 2).next(4)] for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(r["solution"] for r in train), shares  # held-out rows never
 
 
-def report_run(tmp_path):
-    out = tmp_path / "r"
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One short run for the report tests (they share it: pytest-xdist group 'report'): every step's completions
+    logged, an eval at step 2."""
+    out = tmp_path_factory.mktemp("report") / "r"
     run([PY, "main.py", "--model", "tiny", "--rollout", "hf", "--steps", "2", "--prompts_per_step", "2",
-         "--num_generations", "2", "--max_completion_length", "6", "--eval_steps", "0", "--save_steps", "0",
-         "--log_completions_steps", "1", "--output_dir", str(out)])
+         "--num_generations", "2", "--max_completion_length", "6", "--eval_steps", "2", "--eval_size", "2",
+         "--save_steps", "0", "--log_completions_steps", "1", "--output_dir", str(out)])
     with open(out / "completions.jsonl") as f:
         return out, [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
-def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_completions(tmp_path):
-    """report.html, rewritten as the run goes: the curves and, per logged step, the prompt's image (saved, also
-    referenced from completions.jsonl), question, solution, completions, rewards and advantages (the page parsed;
-    the next test renders it)."""
+def check_report_text(text, samples):
+    """What the page says, as a reader sees it: the run's identity, every logged completion with its parsed answer,
+    rewards, weighted total and advantage, the eval's completions."""
+    assert "tiny" in text and "counting" in text and "commit" in text and "every flag" in text, text[:2000]
+    for s in samples:
+        assert s["problem"] in text and f"{s['advantage']:+.3f}" in text and f"{s['accuracy']:.3f}" in text
+        assert f"{s['total']:.3f}" in text
+    assert "total" in text and "answer" in text and "Eval samples (step 2)" in text
+    assert "step 1" in text and "step 2" in text and "reward_mean" in text
+
+
+@pytest.mark.xdist_group("report")
+def test_report_html_shows_the_run_the_curves_and_each_logged_prompt_with_its_image_and_completions(report):
+    """report.html, rewritten as the run goes: what ran, the curves and, per logged step, the prompt's image (saved,
+    also referenced from completions.jsonl), question, solution, completions, parsed answers, rewards, weighted
+    total and advantages; the eval's completions (the page parsed; the next test renders it). A finished run's
+    page no longer reloads itself."""
     from html.parser import HTMLParser
-    out, samples = report_run(tmp_path)
+    out, samples = report
 
     class Page(HTMLParser):
         images, text = [], []
@@ -240,36 +255,125 @@ def test_report_html_shows_the_curves_and_each_logged_prompt_with_its_image_and_
         def handle_data(self, data):
             self.text.append(data)
     page = Page()
-    page.feed((out / "report.html").read_text())
-    text = " ".join(page.text)
+    html = (out / "report.html").read_text()
+    page.feed(html)
     assert page.images[0] == "curves.png" and len(page.images) == 1 + 2 * 2  # 2 prompts at each of 2 steps
     for src in page.images:
         assert Image.open(out / src).size[0] > 0
     assert {s["image"] for s in samples} == set(page.images[1:])
-    for s in samples:  # every logged completion is on the page, with its numbers
-        assert s["problem"] in text and f"{s['advantage']:+.3f}" in text and f"{s['accuracy']:.3f}" in text
-    assert "step 1" in text and "step 2" in text and "reward_mean" in text
+    check_report_text(" ".join(page.text), samples)
+    assert "http-equiv='refresh'" not in html
 
 
 @pytest.mark.slow
-def test_report_html_in_a_real_headless_browser(tmp_path, headless_chromium):
-    """The same page opened by Chromium: every image decodes (curves and prompt thumbnails), every logged
-    completion's numbers are on the rendered page."""
+@pytest.mark.xdist_group("report")
+def test_report_html_in_a_real_headless_browser(report, headless_chromium, tmp_path):
+    """The same page opened by Chromium: every image decodes (curves and prompt thumbnails), the page says what a
+    reader needs (check_report_text), and a screenshot of it renders (the README's is made by
+    tests/screenshot_report.py, the same way)."""
     from playwright.sync_api import sync_playwright
-    out, samples = report_run(tmp_path)
+    out, samples = report
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=headless_chromium, timeout=120_000,
                                     args=["--no-sandbox", "--no-zygote", "--single-process", "--disable-gpu"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(f"file://{out}/report.html")
         page.wait_for_load_state("load")
         images = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
         text = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert len(images) == 5 and all(done and width > 0 for _, done, width in images), images
     assert images[0][2] >= 1000  # the six-panel curves
-    for s in samples:
-        assert f"{s['advantage']:+.3f}" in text and s["problem"] in text
+    check_report_text(text, samples)
+    assert Image.open(tmp_path / "report.png").size[1] > 900  # the whole page, below the fold too
+
+
+def test_curves_dash_a_curve_equal_to_another_and_count_steps_in_whole_numbers(tmp_path):
+    """One reward: the weighted total is that reward, and its line lay exactly under the other (invisible); the
+    step axis showed 1.5, 2.5; the step-time panel was scaled by step 1's load and compile (16 s against 1)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    history = [{"step": i, "reward_mean": 0.1 * i, "reward/number": 0.1 * i, "generate_s": 16.0 if i == 1 else 1.0,
+                "train_s": 1.0} for i in (1, 2, 3)]
+    figures = []
+    original = plt.Figure.savefig
+    try:
+        plt.Figure.savefig = lambda fig, *a, **k: figures.append(fig) or original(fig, *a, **k)
+        utils.plot_curves(history, str(tmp_path / "c.png"))
+    finally:
+        plt.Figure.savefig = original
+    reward, *_, times = figures[0].axes
+    styles = {line.get_label(): line.get_linestyle() for line in reward.lines}
+    assert styles == {"reward_mean": "-", "reward/number (= reward_mean)": "--"}, styles
+    assert all(float(t).is_integer() for t in reward.get_xticks()), reward.get_xticks()
+    assert times.get_ylim()[1] < 16 and "off the scale" in times.get_title()
+
+
+def bad_data(folder):
+    """{case: (rows, flags, what the one message says)}: data that trained badly or crashed after the model loaded."""
+    Image.new("RGB", (56, 56), "red").save(folder / "ok.png")
+    whole = (folder / "ok.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    row = lambda i, **kw: {"problem": f"How many squares in picture {i}?", "solution": "1", "image": "ok.png", **kw}
+    return {
+        "every image missing": ([row(i, image=f"gone{i}.png") for i in range(40)], [],
+                                "none of 32 sampled rows is usable (unreadable image: 32); row "),
+        "truncated PNGs": ([row(i, image="truncated.png") for i in range(40)], [], "image file is truncated"),
+        "an empty question": ([row(i, problem="" if i == 3 else f"q{i}?") for i in range(40)], [],
+                              "row 3: empty or non-text question (column 'problem'); fill the question"),
+        "prompts over --max_prompt_length": ([row(i, problem="word " * 400) for i in range(40)], [],
+                                             "(prompt over --max_prompt_length: 32)"),
+        "URL images offline": ([row(i, image="http://images.invalid/a.png") for i in range(40)], [],
+                               "none of 32 sampled rows is usable (unreadable image: 32)"),
+        "a list solution, a reward that takes one answer": (
+            [row(i, solution=["2", "two"]) for i in range(40)], ["--rewards", "number"],
+            "the solution (column 'solution') is a list (['2', 'two']), and a reward in --rewards takes one"),
+        "an empty solution": ([row(i, solution="" if i == 7 else "1") for i in range(40)], [],
+                              "row 7: the solution (column 'solution') is empty"),
+        "a dict solution": ([row(i, solution={"value": 1}) for i in range(40)], [],
+                            "the solution (column 'solution') is a dict"),
+        "the images in a column named 'img'": ([{"problem": "q?", "solution": "1", "img": "ok.png"}] * 40, [],
+                                               "'img' looks like images: name it with --image_column img"),
+        "--strict and one unreadable image": ([row(i, image="gone.png" if i == 5 else "ok.png") for i in range(40)],
+                                              ["--strict", "true"], "row 5: unreadable image"),
+    }
+
+
+def test_bad_data_stops_before_the_model_loads_with_one_line_naming_the_row(tmp_path):
+    """Each case stops in the checks every run (and --check_only, and so train.sh) makes before loading a model:
+    one message naming the column, the row and the fix. Before, each was a traceback after the model build, or
+    trained one step and crashed in the report (a list solution), or trained an unlearnable task (an empty
+    solution), or trained text-only (an image column of another name)."""
+    import main
+    for case, (rows, flags, message) in bad_data(tmp_path).items():
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = main.parse_config(["--model", "tiny", "--dataset", str(tmp_path / "d.jsonl"), "--eval_steps", "0",
+                                 "--output_dir", str(tmp_path / "out"), *flags])
+        with pytest.raises(SystemExit) as stop:
+            main.preflight(cfg, is_main=False)
+        text = str(stop.value.code)
+        assert message in text and "\n" not in text, f"{case}: {text}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_only_on_bad_data_prints_one_line_in_seconds_and_good_data_with_a_list_solution_passes(tmp_path):
+    """The command train.sh runs first, on the first case above: one line, no model built, in seconds (the
+    imports and 32 prompts). A list of accepted answers passes with the accuracy reward, which takes lists."""
+    import time
+    cases = bad_data(tmp_path)
+    for rows, expect in ((cases["every image missing"][0], 1),
+                         ([{"problem": "How many?", "solution": ["2", "two"], "image": "ok.png"}] * 8, 0)):
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        t0 = time.time()
+        p = run([PY, "main.py", "--check_only", "true", "--model", "tiny", "--dataset", str(tmp_path / "d.jsonl"),
+                 "--eval_steps", "0", "--rewards", "accuracy,format", "--output_dir", str(tmp_path / "out")],
+                check=False, timeout=120)
+        seconds, text = time.time() - t0, p.stdout + p.stderr
+        assert p.returncode == expect and len(text.strip().splitlines()) == expect, text
+        assert seconds < 60 and not (tmp_path / "out").exists(), (seconds, text)
+        print(f"--check_only: exit {p.returncode} in {seconds:.1f} s: {text.strip()[:200]}")
 
 
 def test_data_errors_name_the_line_the_row_or_the_file(tmp_path, tiny_qwen2_vl):

@@ -245,6 +245,14 @@ def test_accuracy_reward_batch_keeps_order_and_length():
     assert accuracy_reward([], []) == []
 
 
+def test_accuracy_reward_takes_a_list_of_accepted_answers():
+    """A row's solution may list its accepted answers (the data check lets lists through to rewards that say
+    they take them): any one matches; an empty list matches nothing."""
+    completions = ["<answer>two</answer>", "<answer>2</answer>", "<answer>3</answer>", "<answer>2</answer>"]
+    assert accuracy_reward(completions, [["2", "two"], ["2", "two"], ["2", "two"], []]) == [1.0, 1.0, 0.0, 0.0]
+    assert accuracy_reward.takes_answer_lists
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # format_reward(completions)
 
