@@ -24,7 +24,7 @@ import trainer
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
 from utils import (DataError, PromptSampler, accuracy_reward, build_tiny_model, counted, format_reward, load_rows,
-                   number_reward, vision_token_ids, write_jsonl, write_report)
+                   number_reward, tiny_processor, vision_token_ids, write_jsonl, write_report)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
@@ -206,18 +206,38 @@ def check_config(cfg):
         user_error("config error:\n  " + "\n  ".join(problems))
 
 
+def quietly(fn, cfg):
+    """fn(cfg) with what it prints to stdout dropped unless --verbose (DeepSpeed prints that it built its CPU
+    communication op), or shown if fn fails. DeepSpeed is imported first: its logger keeps the stdout of its
+    import, which must be the real one."""
+    if cfg.verbose:
+        return fn(cfg)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        import deepspeed  # noqa: F401
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            return fn(cfg)
+    except BaseException:
+        sys.stdout.write(printed.getvalue())
+        raise
+
+
 def user_error(message):
-    """Stops the run for a fixable input: rank 0 prints the message, the other ranks leave quietly, 10 s
-    later (the launcher ends the job when a rank exits: had one left first, it could kill rank 0 before it
-    printed, as in the checks before training, where no signal handler is installed yet)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """Stops the run for a fixable input: rank 0 prints the message; another rank waits 10 s first (the launcher
+    ends the job when a rank exits: had it left first, it could kill rank 0 before rank 0 printed) and is then ended
+    by the launcher's TERM (the default action again, not the stop-after-this-step handler), or, where rank 0
+    did not stop (an error of this rank alone), prints the message with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         raise SystemExit(message)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's TERM ends this rank now (a handler may be set)
     time.sleep(10)
-    raise SystemExit(1)
+    raise SystemExit(f"rank {rank}: {message}")
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "completions.jsonl", "eval_completions.jsonl", "curves.png",
-               "report.html", "prompt_images", "final", "final.tmp")  # and checkpoint-*
+RUN_OUTPUTS = ("config.json", "run.json", "metrics.jsonl", "completions.jsonl", "eval_completions.jsonl",
+               "curves.png", "report.html", "prompt_images", "final", "final.tmp")  # and checkpoint-*
 # what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
 STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
 BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0}
@@ -242,48 +262,58 @@ def preflight(cfg, is_main):
 
 
 def check_data(cfg, rows, eval_rows, sample=32):
-    """Builds the prompts of a sample of rows the way training will (question, image opened, prompt length) and
-    checks their solutions for the rewards: a bad question or solution, or a sample of which no row is usable,
-    stops here with one line naming the column, the row and the fix; some unusable rows, a warning (training
-    skips them; with --strict, stops)."""
+    """Builds the prompts of a sample of rows the way training will (question, image opened with --min_pixels and
+    --max_pixels, prompt length) and checks their solutions for the rewards that read them (the eval's for
+    accuracy, which evaluation scores with). A sample in which no row can be prompted, or no solution scored,
+    stops here with one line naming the column, a row and the fix; some bad rows get one warning that counts
+    them (training skips a row it cannot prompt and scores an unusable solution 0); --strict stops at the first."""
     import random
     import warnings
 
-    from utils import build_prompt, load_processor, skip_reason, solution_problem
+    from utils import build_prompt, skip_reason, solution_problem
+    first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
-        processor = load_processor(cfg.model, TINY)
+        processor = load_processor(cfg.model, cfg)
     except Exception as e:  # a hub model not in the cache, offline: the rows are checked as training reads them
-        warnings.warn(f"--model {cfg.model}: no processor to check the data's prompts with ({type(e).__name__}); "
-                      "rows are checked as training reads them")
+        if first_rank:
+            warnings.warn(f"--model {cfg.model}: no processor to check the data's prompts with ({type(e).__name__});"
+                          " rows are checked as training reads them")
         return
     readers = [REWARDS[r] for r in cfg.rewards.split(",") if "solution" in inspect.signature(REWARDS[r]).parameters]
-    lists_ok = all(getattr(fn, "takes_answer_lists", False) for fn in readers)
-    columns = {"problem": cfg.question_column, "solution": cfg.solution_column, "image": cfg.image_column}
-    for name, data in ((f"--dataset {cfg.dataset}", rows), ("the eval rows", eval_rows)):
-        picks = random.Random(cfg.seed).sample(range(len(data)), min(sample, len(data))) if len(data) else []
-        skipped, first = Counter(), None
-        for i in sorted(picks):
+    columns = {"problem": cfg.question_column, "image": cfg.image_column}
+    for name, data, scored, lists_ok in (
+            (f"--dataset {cfg.dataset}", rows, bool(readers), all(getattr(f, "takes_answer_lists", 0) for f in readers)),
+            ("the eval rows", eval_rows, True, accuracy_reward.takes_answer_lists)):
+        picks = sorted(random.Random(cfg.seed).sample(range(len(data)), min(sample, len(data)))) if len(data) else []
+        unprompted, unscored, first = Counter(), Counter(), {}
+        for i in picks:
             row, where = data[i], f"row {getattr(data, 'indices', range(len(data)))[i]}"
-            problem = solution_problem(row.get("solution"), lists_ok) if readers else None
+            problem = solution_problem(row.get("solution"), lists_ok) if scored else None
             if problem:
-                user_error(f"{name}, {where}: the solution (column '{cfg.solution_column}') is {problem}")
+                unscored[problem.split(" (")[0].split(":")[0].split(",")[0]] += 1
+                first.setdefault("solution", f"{where}: the solution (column '{cfg.solution_column}') is {problem}")
             try:
                 build_prompt(processor, row, cfg)
             except ValueError as e:
                 reason = skip_reason(str(e))
                 column = next((f" (column '{c}')" for k, c in columns.items() if k in reason or
                                (k == "problem" and "question" in reason)), "")
-                if cfg.strict or "question" in reason:
-                    user_error(f"{name}, {where}: {e}{column}; " + ("fill the question or drop the row"
-                               if "question" in reason else "fix the row, or drop --strict to skip such rows"))
-                skipped[reason] += 1
-                first = first or f"{where}: {e}{column}"
-        if picks and sum(skipped.values()) == len(picks):
-            user_error(f"{name}: none of {len(picks)} sampled rows is usable ({counted(skipped)}); {first}: fix the "
-                       "data, or --image_column / --max_prompt_length")
-        if skipped:
-            warnings.warn(f"{name}: {sum(skipped.values())} of {len(picks)} sampled rows would be skipped "
-                          f"({counted(skipped)}; first: {first}); training skips such rows")
+                unprompted[reason] += 1
+                first.setdefault("prompt", f"{where}: {e}{column}")
+            if cfg.strict and first:
+                user_error(f"{name}, {next(iter(first.values()))}; fix the row, or drop --strict to skip such rows")
+        if picks and sum(unprompted.values()) == len(picks):
+            user_error(f"{name}: none of {len(picks)} sampled rows is usable ({counted(unprompted)}); "
+                       f"{first['prompt']}: fix the data, or name the right columns (--question_column, "
+                       "--image_column) or --max_prompt_length")
+        if picks and sum(unscored.values()) == len(picks):
+            user_error(f"{name}: no sampled row has a solution the rewards can score ({counted(unscored)}); "
+                       f"{first['solution']}")
+        if (unprompted or unscored) and first_rank:
+            warnings.warn(f"{name}: of {len(picks)} sampled rows, " + "; ".join(
+                f"{sum(c.values())} {what} ({counted(c)})" for c, what in
+                ((unprompted, "would be skipped"), (unscored, "have a solution the rewards score 0")) if c)
+                + f"; first: {'; '.join(first.values())}")
 
 
 def check_output_dir(out, model):
@@ -312,8 +342,8 @@ def check_output_dir(out, model):
 
 def check_paths(cfg):
     """Local files named in the flags exist (else a path would be looked up on the Hub, and fail far later)."""
-    def looks_local(name):  # (a hub name is owner/name: a first part that is a folder here makes it a path)
-        return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.isdir(name.split("/")[0]) or \
+    def looks_local(name):
+        return name.startswith((".", "/", "~")) or name.count("/") > 1 or \
             os.path.splitext(name)[1].lower() in (".json", ".jsonl", ".parquet")
     for flag in ("dataset", "eval_dataset", "model"):
         name = getattr(cfg, flag)
@@ -433,8 +463,7 @@ def main(cfg):
     # which broadcasts CPU tensors over NCCL and fails on GPUs; DeepSpeed shards the loaded model in prepare()
     model = load_model(path, cfg)
     ref_model = load_model(path, cfg) if cfg.beta > 0 else None
-    with contextlib.redirect_stdout(io.StringIO()) if not cfg.verbose else contextlib.nullcontext():
-        accelerator = make_accelerator(cfg)  # (DeepSpeed prints that its CPU op is built)
+    accelerator = quietly(make_accelerator, cfg)
     if cfg.debug and accelerator.is_main_process:
         import debugpy
         debugpy.listen(("0.0.0.0", 5678))
@@ -462,6 +491,9 @@ def main(cfg):
     if trainer.writes_checkpoints(accelerator):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
+        if not (resume_from and os.path.exists(os.path.join(cfg.output_dir, "run.json"))):  # the run's first start
+            with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
+                json.dump({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": code_version()}, f)
     accelerator.init_trackers("grpo-vl", config=dataclasses.asdict(cfg))
 
     reward_funcs = {r: REWARDS[r] for r in cfg.rewards.split(",")}
@@ -512,7 +544,7 @@ def main(cfg):
                   f"{cfg.output_dir}/checkpoint-{history[-1]['step']}, report in {cfg.output_dir}/report.html; "
                   "continue with the same command and --resume auto", flush=True)
         else:
-            print(run_summary(history, skipped, time.time() - started))
+            print(run_summary(history, skipped, time.time() - started, saved.get("step", 0)))
             print(f"final model in {cfg.output_dir}/final, report in {cfg.output_dir}/report.html")
     accelerator.end_training()
     import torch.distributed as dist
@@ -526,14 +558,27 @@ def main(cfg):
     return history
 
 
-def run_summary(history, skipped, seconds):
+def code_version():
+    """This code's git commit (with -dirty for uncommitted changes), or '?' outside a git checkout."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def run_summary(history, skipped, seconds, resumed_at=0):
     """'done: 200 steps in 41m03s; reward 0.085 -> 0.412 (number 0.10 -> 0.55, format 0.00 -> 0.01); eval accuracy
-    0.12 -> 0.31; skipped rows: none': first step against the mean of the last five (or fewer)."""
+    0.12 -> 0.31; skipped rows: none': the first step against the mean of the last five (or fewer); after a resume
+    from step k the time is this session's, for steps k+1 on."""
     first, last = history[0], history[-5:]
     span = lambda k: f"{first[k]:.3f} -> {sum(m[k] for m in last) / len(last):.3f}"
     parts = ", ".join(f"{k[len('reward/'):]} {span(k)}" for k in first if k.startswith("reward/"))
     evals = [m["eval_accuracy"] for m in history if "eval_accuracy" in m]
-    return (f"done: {history[-1]['step']} steps in {int(seconds // 60)}m{int(seconds % 60):02d}s; reward "
+    took = f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return (f"done: {history[-1]['step']} steps "
+            + (f"({resumed_at + 1}-{history[-1]['step']} in {took})" if resumed_at else f"in {took}") + "; reward "
             f"{span('reward_mean')}" + (f" ({parts})" if parts else "")
             + (f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}" if evals else "")
             + f"; skipped rows: {counted(skipped) if skipped else 'none'}")
@@ -573,9 +618,10 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
 
 
 def load_processor(path, cfg):
-    """The model's processor with images resized into [min_pixels, max_pixels] and prompts padded on the left."""
+    """The model's processor with images resized into [min_pixels, max_pixels] and prompts padded on the left (a
+    tiny model's, by its name in TINY, built in memory as build_tiny_model builds it)."""
     from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(path)
+    processor = tiny_processor() if path in TINY else AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
     processor.tokenizer.padding_side = "left"
     return processor
@@ -671,12 +717,13 @@ def resume(path, cfg, accelerator, sampler, sync):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
-        samples = os.path.join(cfg.output_dir, "completions.jsonl")
-        kept = []
-        if os.path.exists(samples):
-            with open(samples) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
-        for name, rows in ((metrics, history), (samples, [r for r in kept if r.get("step", 0) <= done])):
+        trimmed = [(metrics, history)]
+        for name in ("completions.jsonl", "eval_completions.jsonl"):  # the steps after the checkpoint's are gone
+            path = os.path.join(cfg.output_dir, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    trimmed.append((path, [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= done]))
+        for name, rows in trimmed:
             if os.path.exists(name):
                 os.remove(name)
             write_jsonl(name, rows)
@@ -689,9 +736,16 @@ def check_model(name):
     if name in TINY:
         return
     from transformers import AutoConfig
+    # owner/name where owner/ is a folder here: most likely a mistyped path, looked up in the hub's cache only
+    # (online, a missing name costs half a minute of retries)
+    path_like = not os.path.exists(name) and "/" in name and os.path.isdir(name.split("/")[0])
     try:
-        kind = AutoConfig.from_pretrained(name).model_type
+        kind = AutoConfig.from_pretrained(name, local_files_only=path_like).model_type
     except Exception as e:  # not found, not a model folder, no network for a hub name, ...
+        if path_like:
+            user_error(f"--model {name}: no such folder ({os.path.abspath(name)}), and no hub model of that name in "
+                       f"the cache (not looked up online: {name.split('/')[0]}/ is a folder here): give the right "
+                       f"path, or download the model first (huggingface-cli download {name})")
         here = "" if os.path.exists(name) else f"no such folder ({os.path.abspath(name)}) and, as a hub name, "
         user_error(f"--model {name}: {here}cannot read its config ({type(e).__name__}: "
                    f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL / Qwen2.5-VL folder or a hub name such "
@@ -858,7 +912,7 @@ def quiet_libraries():
     """Library logs (vLLM's INFO, transformers' and DeepSpeed's notices, load bars, deprecation warnings) down to
     errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
     for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                     HF_DATASETS_DISABLE_PROGRESS_BARS="1", TORCH_CPP_LOG_LEVEL="ERROR",
+                     HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_VERBOSITY="error", TORCH_CPP_LOG_LEVEL="ERROR",
                      PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
                      TOKENIZERS_PARALLELISM="false").items():
         os.environ.setdefault(k, v)

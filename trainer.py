@@ -409,8 +409,8 @@ def on_every_rank(fn, error_type, accelerator=None):
         result, failed = None, str(e)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
-        failed = next((f for f in gather_object([failed]) if f), None)
-    if failed:
+        failed = next((f for f in gather_object([failed]) if f is not None), None)
+    if failed is not None:
         raise error_type(failed)
     return result
 

@@ -251,6 +251,14 @@ def to_rgb(image):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
+def looks_like_an_image(value):
+    """An image file name or URL, a data: URI, bytes, a datasets image dict or a PIL image: what load_image reads
+    (a column's name alone says nothing: 'image_caption', 'num_images')."""
+    if isinstance(value, str):
+        return value.lower().split("?")[0].endswith(IMAGE_EXTENSIONS) or value.startswith("data:image/")
+    return isinstance(value, (bytes, bytearray, Image.Image)) or (isinstance(value, dict) and "bytes" in value)
+
+
 def load_rows(name, split, question_column, solution_column, image_column, seed=0):
     """Rows of a dataset: 'counting' (built in), a local json/jsonl/parquet file, or a hub dataset name.
     Renames the user's columns to problem/solution/image and checks they exist."""
@@ -282,10 +290,11 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     if image_column == "none":  # text-only by the user's choice
         image_column = None
     elif image_column not in ds.column_names:
-        first = ds[0] if len(ds) else {}
-        looks = [c for c in ds.column_names if isinstance(ds.features[c], datasets.Image)
-                 or re.search(r"image|img|picture|photo", c, re.I) or
-                 (isinstance(first.get(c), str) and first[c].lower().endswith(IMAGE_EXTENSIONS))]
+        others = [c for c in ds.column_names if c not in (question_column, solution_column)]
+        stored = [c for c in others if isinstance(ds.features[c], datasets.Image)]
+        plain = [c for c in others if c not in stored]
+        first = ds.select_columns(plain)[0] if plain and len(ds) else {}  # (stored images are not decoded)
+        looks = stored + [c for c in plain if looks_like_an_image(first.get(c))]
         if looks:
             raise ValueError(f"--dataset {name}: no column '{image_column}', but '{looks[0]}' looks like images: name "
                              f"it with --image_column {looks[0]}, or give --image_column none to train text-only")
@@ -354,15 +363,6 @@ class DatasetRows:
         return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
 
 
-def load_processor(model, tiny_kinds):
-    """The model's processor, as training will have it (a tiny model's is built in memory, like build_tiny_model's),
-    without loading any weights."""
-    if model in tiny_kinds:
-        return tiny_processor()
-    from transformers import AutoProcessor
-    return AutoProcessor.from_pretrained(model)
-
-
 def tiny_processor():
     """Qwen2-VL's image processor with the local BPE tokenizer (no hub): the tiny models' processor."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
@@ -404,7 +404,7 @@ def solution_problem(value, lists_ok):
                 "or use rewards that take lists (accuracy does)")
     if value is None or (isinstance(value, str) and not value.strip()):
         return "empty: every row needs the answer its completions are scored against (fill it or drop the row)"
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    if not isinstance(value, (str, int, float)):  # (a bool too: its text, True or False, is compared)
         return f"a {type(value).__name__} ({str(value)[:60]}): give the answer as text or a number"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{value}: give a finite number or text"
@@ -426,17 +426,19 @@ class PromptSampler:
     def __init__(self, rows, processor, cfg, rank=0, world=1, seed=0):
         if not rows:
             raise ValueError("the dataset is empty: point --dataset at data with rows")
-        self.rows, self.processor, self.cfg, self.rank, self.world = rows, processor, cfg, rank, world
+        self.rows, self.processor, self.cfg, self.rank, self.world, self.seed = rows, processor, cfg, rank, world, seed
         self.origin = getattr(rows, "indices", range(len(rows)))  # where each row sits in the data, for messages
         self.rng, self.order, self.skipped, self.tried = random.Random(seed), [], Counter(), 0
 
     def next(self, n):
         out, tries = [], 0
         while len(out) < n:
-            if not self.order:  # a new epoch: the same permutation on every rank (one seed), this rank's share
-                order = list(range(len(self.rows)))
-                self.rng.shuffle(order)
-                self.order = order[self.rank::self.world] if len(order) >= self.world else order
+            if not self.order:  # a new epoch: the same permutation on every rank (one seed), this rank's share,
+                order = list(range(len(self.rows)))  # padded with its first rows to a multiple of the ranks (as
+                self.rng.shuffle(order)  # DistributedSampler pads): every rank's share is as long, so the ranks
+                total = -(-len(order) // self.world) * self.world  # start their epochs together unless they skip
+                order = (order * -(-total // len(order)))[:total]  # rows
+                self.order = order[self.rank::self.world]
             index = self.order.pop()
             row = self.rows[index]
             self.tried += 1
@@ -462,11 +464,17 @@ class PromptSampler:
 
     def state_dict(self):  # the data position, for a resumable checkpoint
         return {"rng": self.rng.getstate(), "order": list(self.order), "skipped": dict(self.skipped),
-                "tried": self.tried}
+                "tried": self.tried, "dealt": self.world}
 
     def load_state_dict(self, state):
+        self.skipped, self.tried = Counter(state["skipped"]), state.get("tried", 0)
+        if "dealt" not in state and self.world > 1:  # an older version's: each rank shuffled a fixed shard of its
+            warnings.warn("the checkpoint's data position is an older version's (a fixed shard per rank): this "
+                          "run goes on from a new shuffle of all the rows")  # own; its positions mean other rows
+            self.rng, self.order = random.Random(self.seed), []  # the same on every rank
+            return
         self.rng.setstate(state["rng"])
-        self.order, self.skipped, self.tried = list(state["order"]), Counter(state["skipped"]), state.get("tried", 0)
+        self.order = list(state["order"])
 
 
 def counted(reasons):
@@ -688,23 +696,17 @@ def save_thumbnail(image, out_dir, name):
 
 
 def run_identity(out_dir):
-    """[(what, value)] of the run in out_dir: its model, data, seed and every flag (config.json, written when it
-    started), the start time and this code's git commit."""
-    import datetime
-    import subprocess
-    path = os.path.join(out_dir, "config.json")
-    cfg = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cfg = json.load(f)
-    started = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d %H:%M") if cfg else "?"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
-    return [("model", cfg.get("model", "?")), ("dataset", cfg.get("dataset", "?")), ("seed", cfg.get("seed", "?")),
-            ("rewards", cfg.get("rewards", "?")), ("started", started), ("commit", commit)], cfg
+    """[(what, value)] of the run in out_dir: its model, data, seed and rewards (config.json: every flag, also
+    returned), when it first started and the git commit of its code then (run.json); '?' for what is missing."""
+    def read(name):
+        try:
+            with open(os.path.join(out_dir, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+    cfg, run = read("config.json"), read("run.json")
+    return [(k, cfg.get(k, "?")) for k in ("model", "dataset", "seed", "rewards")] + \
+        [(k, run.get(k, "?")) for k in ("started", "commit")], cfg
 
 
 def write_report(out_dir, history, total_steps, last_steps=10):
@@ -737,7 +739,8 @@ def write_report(out_dir, history, total_steps, last_steps=10):
             f"<h1>grpo-vl: {escape(out_dir)}</h1><p>step {last['step']} of {total_steps}</p><table class='run'><tr>"
             + "".join(f"<th>{k}</th>" for k, _ in identity) + "</tr><tr>" + "".join(cell(v) for _, v in identity)
             + "</tr></table><details><summary>every flag</summary><table>"
-            + "".join(f"<tr><td>--{escape(k)}</td>{cell(v)}</tr>" for k, v in cfg.items()) + "</table></details>"
+            + "".join(f"<tr><td>--{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in cfg.items())
+            + "</table></details>"
             "<table><tr>" + "".join(f"<th>{k}</th>" for k in fields) + "</tr><tr>"
             + "".join(f"<td class='m'>{last[k]:.4g}</td>" for k in fields) + "</tr></table>",
             f"<img src='curves.png?{last['step']}' alt='curves' width='100%'>"]

@@ -321,8 +321,9 @@ def test_load_rows_upper_case_extension(hf_cache):
     assert list(rows) == [{"problem": "p", "solution": "s", "image": None}]
 
 
-@pytest.mark.parametrize("column, value", [("picture", "x.png"), ("img", "x"), ("photo_path", "x"),
-                                           ("figure", "cat.JPG")])
+@pytest.mark.parametrize("column, value", [("picture", "x.png"), ("img", "http://x.org/a.jpg?s=2"),
+                                           ("photo_path", "a/b.jpeg"), ("figure", "cat.JPG"),
+                                           ("scan", "data:image/png;base64,iVBO")])
 def test_an_image_like_column_not_named_stops_and_none_means_text_only(hf_cache, column, value):
     """Before: the images of a column not named 'image' were dropped with a warning, and a vision run trained
     text-only. Now: one message naming the column to give; --image_column none trains text-only on purpose."""
@@ -338,8 +339,11 @@ def test_an_image_like_column_not_named_stops_and_none_means_text_only(hf_cache,
 
 
 def test_a_text_only_dataset_warns_once_and_gives_text_only_rows(hf_cache):
+    """Columns named like images whose values are not (a caption, a count), and a question naming a file, do not
+    stop a text dataset."""
     path = hf_cache / "data.jsonl"
-    write_jsonl(path, [{"problem": "p", "solution": "s", "level": "easy"}])
+    write_jsonl(path, [{"problem": "What is in cat.png?", "solution": "a.jpg", "image_caption": "a cat",
+                        "num_images": 3}])
     with pytest.warns(UserWarning, match=r"--image_column none"):
         rows = utils.load_rows(str(path), "train", "problem", "solution", "image")
     assert rows[0]["image"] is None
@@ -487,13 +491,65 @@ def test_sampler_where_every_row_is_bad_raises_instead_of_looping(processor, bad
 
 def test_sampler_gives_each_rank_a_disjoint_share_of_every_epoch(processor):
     """Each epoch is one shuffle of all the rows (the same on every rank), dealt out rank by rank: within an epoch
-    no row goes to two ranks and every row goes to one; epochs shuffle anew."""
+    no row goes to two ranks and every row goes to one; the next epoch deals other rows to each rank (before: a
+    fixed rows[rank::world] per rank, so a rank's rows never changed)."""
     rows = [dict(TEXT_ROW, solution=str(i)) for i in range(6)]
     samplers = [utils.PromptSampler(rows, processor, cfg(), rank=rank, world=3, seed=0) for rank in range(3)]
-    epochs = [[[r["solution"] for r, _ in s.next(2)] for s in samplers] for _ in range(3)]
+    epochs = [[[r["solution"] for r, _ in s.next(2)] for s in samplers] for _ in range(4)]
     for shares in epochs:
         assert sorted(x for share in shares for x in share) == [str(i) for i in range(6)], epochs
-    assert len({tuple(map(tuple, shares)) for shares in epochs}) > 1, "every epoch dealt the same shares"
+    assert len({frozenset(shares[0]) for shares in epochs}) > 1, f"rank 0 drew the same rows every epoch: {epochs}"
+
+
+@pytest.mark.parametrize("n, world", [(5, 2), (7, 3), (1, 3), (2, 4)])
+def test_an_epoch_is_padded_to_a_multiple_of_the_ranks_so_they_stay_in_step(processor, n, world):
+    """n rows not a multiple of the ranks (or fewer rows than ranks): each epoch is padded with its first rows, as
+    torch's DistributedSampler pads, so every rank's share is as long and the ranks start each epoch together:
+    at every step the ranks' rows come from the same shuffle, and each epoch uses every row."""
+    rows = [dict(TEXT_ROW, solution=str(i)) for i in range(n)]
+    samplers = [utils.PromptSampler(rows, processor, cfg(), rank=rank, world=world, seed=1) for rank in range(world)]
+    per_epoch = -(-n // world)
+    for _ in range(3):
+        shares = [[r["solution"] for r, _ in s.next(per_epoch)] for s in samplers]
+        assert {x for share in shares for x in share} == {str(i) for i in range(n)}, shares
+        assert all(not s.order for s in samplers)  # every rank ended the epoch at the same step
+
+
+def test_one_process_draws_rows_in_the_same_order_as_before(processor):
+    """One process: the stream is the one the earlier sampler drew (a seeded shuffle of all rows, taken from its
+    end), so one-process runs and their tests' expectations do not change."""
+    import random
+    rows = [dict(TEXT_ROW, solution=str(i)) for i in range(7)]
+    sampler = utils.PromptSampler(rows, processor, cfg(), seed=3)
+    rng, expected = random.Random(3), []
+    for _ in range(3):
+        order = list(range(7))
+        rng.shuffle(order)
+        expected += order[::-1]
+    assert [int(r["solution"]) for r, _ in sampler.next(21)] == expected
+
+
+def test_an_older_versions_data_position_restarts_the_shuffle_on_several_ranks(processor):
+    """A checkpoint of the older sampler (each rank a fixed shard, its own seed) holds positions in that shard: on
+    2 ranks they would name other rows, so the run goes on from a new shared shuffle, saying so; one process's is
+    taken as it is (the same stream)."""
+    rows = [dict(TEXT_ROW, solution=str(i)) for i in range(6)]
+    old = {"rng": random_state(5), "order": [2, 0], "skipped": {"unreadable image": 1}}
+    two = [utils.PromptSampler(rows, processor, cfg(), rank=rank, world=2, seed=0) for rank in (0, 1)]
+    for s in two:
+        with pytest.warns(UserWarning, match="older version"):
+            s.load_state_dict(dict(old))
+    shares = [{r["solution"] for r, _ in s.next(3)} for s in two]
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == 6, shares
+    assert two[0].skipped == {"unreadable image": 1}
+    one = utils.PromptSampler(rows, processor, cfg(), seed=0)
+    one.load_state_dict(dict(old))
+    assert [r["solution"] for r, _ in one.next(2)] == ["0", "2"]
+
+
+def random_state(seed):
+    import random
+    return random.Random(seed).getstate()
 
 
 def test_bad_rows_at_every_second_place_fall_to_every_rank_alike(processor):

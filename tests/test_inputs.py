@@ -35,7 +35,8 @@ BAD_FLAGS = [
     (["--dataset", "mydata.jsonl"], "--dataset mydata.jsonl: no such file or folder"),
     (["--eval_dataset", "data/test.parquet"], "--eval_dataset data/test.parquet: no such file or folder"),
     (["--model", "./my-model"], "--model ./my-model: no such file or folder"),
-    (["--model", "tests/my-model"], "--model tests/my-model: no such file or folder"),  # not a hub id: tests/ is here
+    # owner/name with owner/ a folder here: not looked up online (half a minute of retries before)
+    (["--model", "tests/my-model"], "--model tests/my-model: no such folder"),
     (["--resume", "auto", "--overwrite", "true"], "--resume and --overwrite true contradict each other"),
     (["--num_generations", "1"], "--num_generations 1: GRPO compares samples within a group"),
     (["--rewards", "accuracy,nope"], "unknown ['nope']"),
@@ -321,23 +322,25 @@ def bad_data(folder):
         "every image missing": ([row(i, image=f"gone{i}.png") for i in range(40)], [],
                                 "none of 32 sampled rows is usable (unreadable image: 32); row "),
         "truncated PNGs": ([row(i, image="truncated.png") for i in range(40)], [], "image file is truncated"),
-        "an empty question": ([row(i, problem="" if i == 3 else f"q{i}?") for i in range(40)], [],
-                              "row 3: empty or non-text question (column 'problem'); fill the question"),
+        "empty questions": ([row(i, problem="") for i in range(40)], [],
+                            "none of 32 sampled rows is usable (empty or non-text question: 32); row "),
         "prompts over --max_prompt_length": ([row(i, problem="word " * 400) for i in range(40)], [],
                                              "(prompt over --max_prompt_length: 32)"),
         "URL images offline": ([row(i, image="http://images.invalid/a.png") for i in range(40)], [],
                                "none of 32 sampled rows is usable (unreadable image: 32)"),
-        "a list solution, a reward that takes one answer": (
+        "list solutions, a reward that takes one answer": (
             [row(i, solution=["2", "two"]) for i in range(40)], ["--rewards", "number"],
-            "the solution (column 'solution') is a list (['2', 'two']), and a reward in --rewards takes one"),
-        "an empty solution": ([row(i, solution="" if i == 7 else "1") for i in range(40)], [],
-                              "row 7: the solution (column 'solution') is empty"),
-        "a dict solution": ([row(i, solution={"value": 1}) for i in range(40)], [],
-                            "the solution (column 'solution') is a dict"),
+            "no sampled row has a solution the rewards can score (a list: 32); row "),
+        "empty solutions": ([row(i, solution="") for i in range(40)], [],
+                            "no sampled row has a solution the rewards can score (empty: 32)"),
+        "dict solutions": ([row(i, solution={"value": 1}) for i in range(40)], [],
+                           "the solution (column 'solution') is a dict"),
         "the images in a column named 'img'": ([{"problem": "q?", "solution": "1", "img": "ok.png"}] * 40, [],
                                                "'img' looks like images: name it with --image_column img"),
-        "--strict and one unreadable image": ([row(i, image="gone.png" if i == 5 else "ok.png") for i in range(40)],
+        "--strict and one unreadable image": ([row(i, image="gone.png" if i == 5 else "ok.png") for i in range(6)],
                                               ["--strict", "true"], "row 5: unreadable image"),
+        "--strict and one empty solution": ([row(i, solution="" if i == 2 else "1") for i in range(6)],
+                                            ["--strict", "true"], "row 2: the solution (column 'solution') is empty"),
     }
 
 
@@ -356,6 +359,26 @@ def test_bad_data_stops_before_the_model_loads_with_one_line_naming_the_row(tmp_
         text = str(stop.value.code)
         assert message in text and "\n" not in text, f"{case}: {text}"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_few_bad_rows_get_one_warning_that_counts_them(tmp_path):
+    """Training skips a row it cannot prompt and scores an unusable solution 0: a few such rows among good ones
+    are counted in one warning (which rows stop a run must not depend on the seed's sample), and the run goes on;
+    a bool solution (yes/no data) is text to the rewards."""
+    import warnings
+
+    import main
+    rows = [{"problem": "" if i == 3 else f"q{i}?", "solution": "" if i == 4 else True if i == 5 else "1",
+             "image": None} for i in range(10)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = main.parse_config(["--model", "tiny", "--dataset", str(tmp_path / "d.jsonl"), "--eval_steps", "0",
+                             "--output_dir", str(tmp_path / "out")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main.preflight(cfg, is_main=False)
+    said = [str(w.message) for w in caught if "sampled rows" in str(w.message)]
+    assert len(said) == 1 and "of 10 sampled rows, 1 would be skipped (empty or non-text question: 1); 1 have a " \
+        "solution the rewards score 0 (empty: 1); first: row 3" in said[0], said
 
 
 def test_check_only_on_bad_data_prints_one_line_in_seconds_and_good_data_with_a_list_solution_passes(tmp_path):
