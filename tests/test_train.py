@@ -29,16 +29,16 @@ def state_dict(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", ["vllm", "vllm_overlap"])
-def test_learns_a_toy_task(tmp_path, rollout):
-    """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps, also
-    one step off (--overlap: each batch sampled before the previous update, importance-weighted); with
+def test_learns_a_toy_task_one_step_off(tmp_path):
+    """A tiny random model learns to write upper-case letters: mean reward from < 0.2 to > 0.8 in 40 steps, one
+    step off (--overlap: each batch sampled by vLLM before the previous update, importance-weighted); with
     transformers' generate: test_zero3_learns_the_toy_task_as_one_process_does. Flipping the sign of the loss
-    (or of the advantages) makes the reward fall instead, and this test fail."""
+    (or of the advantages) makes the reward fall instead, and this test fail. (vLLM in step, without the overlap:
+    its weights after every update are test_sampler_and_trainer_score_the_same_distribution's and
+    test_zero3_two_processes_train_save_and_load's; its 40-step run here took 2.5 minutes of CI.)"""
     pytest.importorskip("vllm")
     out = str(tmp_path / "toy")
-    flags = ["--rollout", "vllm", "--overlap", "true"] if rollout == "vllm_overlap" else ["--rollout", rollout]
-    run([PY, "tests/run_with_reward.py", "--model", "tiny", *flags, "--output_dir", out,
+    run([PY, "tests/run_with_reward.py", "--model", "tiny", "--rollout", "vllm", "--overlap", "true", "--output_dir", out,
          "--rewards", "uppercase",
          "--steps", "40", "--prompts_per_step", "4", "--num_generations", "8", "--micro_batch_size", "16",
          "--max_completion_length", "8", "--learning_rate", "3e-3", "--beta", "0", "--save_steps", "0",
@@ -47,8 +47,6 @@ def test_learns_a_toy_task(tmp_path, rollout):
     assert len(rewards) == 40
     assert rewards[0] < 0.2, rewards
     assert sum(rewards[-5:]) / 5 > 0.8, rewards
-    if rollout == "vllm":  # the engine sampled from the trainer's weights at every step
-        assert max(m["sampler_logp_diff"] for m in metrics(out)) < 1e-3
 
 
 @pytest.mark.slow
