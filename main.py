@@ -1,4 +1,4 @@
-"""GRPO for Qwen2-VL / Qwen2.5-VL. Edit this file to change the model (Config.model) or the rewards (REWARDS).
+"""GRPO for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Edit this file to change the model (Config.model) or the rewards (REWARDS).
 
     bash train.sh [--flag value ...]   # accelerate + DeepSpeed (ZeRO-2 where it fits, else 3), vLLM on the last GPU
     python main.py --help              # every flag, in groups, with its choices and default
@@ -28,12 +28,13 @@ from utils import (DataError, PromptSampler, accuracy_reward, build_tiny_model, 
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
-TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl"}
+TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl", "tiny-qwen3": "qwen3_vl"}
+FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}  # model_type: name
 
 
 @dataclass
 class Config:
-    model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL / Qwen2.5-VL model; 'tiny' or 'tiny-qwen2.5' build a random tiny one offline"})
+    model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model; 'tiny', 'tiny-qwen2.5' or 'tiny-qwen3' build a random tiny one offline"})
     dataset: str = field(default="counting", metadata={"help": "'counting' (built-in synthetic images), a local .json/.jsonl/.parquet file, or a hub dataset name"})
     eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows, at most a fifth, held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
@@ -621,7 +622,7 @@ def load_processor(path, cfg):
     """The model's processor with images resized into [min_pixels, max_pixels] and prompts padded on the left (a
     tiny model's, by its name in TINY, built in memory as build_tiny_model builds it)."""
     from transformers import AutoProcessor
-    processor = tiny_processor() if path in TINY else AutoProcessor.from_pretrained(path)
+    processor = tiny_processor(TINY[path]) if path in TINY else AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
     processor.tokenizer.padding_side = "left"
     return processor
@@ -732,7 +733,7 @@ def resume(path, cfg, accelerator, sampler, sync):
 
 
 def check_model(name):
-    """A Qwen2-VL / Qwen2.5-VL config at `name` (a folder or hub name), or one message saying what is there."""
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config at `name` (a folder or hub name), or one message saying what is there."""
     if name in TINY:
         return
     from transformers import AutoConfig
@@ -748,11 +749,11 @@ def check_model(name):
                        f"path, or download the model first (huggingface-cli download {name})")
         here = "" if os.path.exists(name) else f"no such folder ({os.path.abspath(name)}) and, as a hub name, "
         user_error(f"--model {name}: {here}cannot read its config ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL / Qwen2.5-VL folder or a hub name such "
+                   f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder or a hub name such "
                    "as Qwen/Qwen2-VL-2B-Instruct")
-    if kind not in ("qwen2_vl", "qwen2_5_vl"):
-        user_error(f"--model {name} is a '{kind}' model: this trainer takes Qwen2-VL or Qwen2.5-VL "
-                   "(model_type qwen2_vl or qwen2_5_vl)")
+    if kind not in FAMILIES:
+        user_error(f"--model {name} is a '{kind}' model: this trainer takes {', '.join(FAMILIES.values())} "
+                   f"(model_type {', '.join(FAMILIES)})")
 
 
 def load_data(cfg):

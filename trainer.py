@@ -222,7 +222,7 @@ def vision_kwargs(visual, grid, device):
     """What the vision tower computes from the images' (t, h, w) grid before its blocks, computed from a host copy
     of the grid (n, 3), as transformers' vision encoders take it precomputed (transformers.vision_utils): the
     patches' 2-D RoPE positions, and each image's span of the packed patch sequence (Qwen2.5-VL: each window's
-    too). With SDPA the spans stay on the host: each block splits its attention per image with lengths read from
+    too; Qwen3-VL: the taps and weights that resample its learned position grid). With SDPA the spans stay on the host: each block splits its attention per image with lengths read from
     them, and from a device tensor every block of every pass stalls the GPU's queue (32 blocks x 3 passes a
     micro-batch for the 2B model). None when this transformers has no such inputs."""
     try:
@@ -237,6 +237,11 @@ def vision_kwargs(visual, grid, device):
         window_index, out["cu_window_seqlens"] = vision_utils.get_vision_window_index(
             grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
         out["window_index"] = window_index.to(device)
+    if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL: a learned position grid, resampled to each image's
+        indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+            grid, visual.num_grid_per_side, visual.interpolation_mode, visual.interpolation_align_corners,
+            visual.spatial_merge_size)
+        out["interp_indices"], out["interp_weights"] = indices.to(device), weights.to(device)
     if is_flash_attention_requested(visual.config):  # varlen kernels take the spans on the device, and their max
         for key, longest in (("cu_seqlens", "max_seqlen"), ("cu_window_seqlens", "max_window_seqlen")):
             if key in out:
@@ -274,8 +279,8 @@ def shared_image_features(inner, image_index, image_grid_thw, vision=None):
     (pixel_values holds each image once) and every row of that image reads the same features. The G rows of a
     prompt share its image, so this saves (G - 1) / G of the vision work, forward and backward; the gradient is
     the same (each row's gradient flows back into the shared features and adds up there). Everything else (image
-    placement, multimodal RoPE) stays the model's own forward. `vision` (batch_on_device): the distinct images'
-    grid on the host (get_image_features splits its output by sizes read from it) and the tower's inputs
+    placement, multimodal RoPE, Qwen3-VL's DeepStack: its per-level features are handed out to the rows the
+    same way) stays the model's own forward. `vision` (batch_on_device): the distinct images' grid on the host (get_image_features splits its output by sizes read from it) and the tower's inputs
     precomputed from it."""
     import contextlib
     if image_index is None and vision is None:
@@ -290,7 +295,11 @@ def shared_image_features(inner, image_index, image_grid_thw, vision=None):
     def features(pixel_values, image_grid_thw=None, **kwargs):
         out = vision_features(pixel_values, distinct_grid, **kwargs, **precomputed)
         if rows is not None:
+            sizes = [len(x) for x in out.pooler_output]
             out.pooler_output = tuple(out.pooler_output[i] for i in rows)
+            if getattr(out, "deepstack_features", None):  # Qwen3-VL: each level's features of all images, packed
+                out.deepstack_features = [torch.cat([parts[i] for i in rows])
+                                          for parts in (level.split(sizes) for level in out.deepstack_features)]
         return out
 
     @contextlib.contextmanager

@@ -205,10 +205,10 @@ def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
     return rows
 
 
-def load_image(value, min_pixels, max_pixels):
+def load_image(value, min_pixels, max_pixels, patch=14):
     """A PIL image from a path, a file:// or http(s):// URL, a data:image/...;base64 URI, bytes, {'bytes'|'path': ...}
-    (datasets' Image feature) or PIL, in RGB (to_rgb), resized within [min_pixels, max_pixels] the way
-    qwen-vl-utils does. Raises ValueError if it cannot be read."""
+    (datasets' Image feature) or PIL, in RGB (to_rgb), resized within [min_pixels, max_pixels] to multiples of
+    2 x patch pixels the way qwen-vl-utils does. Raises ValueError if it cannot be read."""
     import base64
     from qwen_vl_utils import fetch_image
     if isinstance(value, dict):
@@ -228,7 +228,8 @@ def load_image(value, min_pixels, max_pixels):
         if not isinstance(value, Image.Image):
             raise ValueError(f"expected a path, URL, bytes or PIL image, got {type(value).__name__}")
         value.load()
-        return fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels})
+        return fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels},
+                           image_patch_size=patch)
     except ValueError:
         raise
     except Exception as e:
@@ -363,11 +364,23 @@ class DatasetRows:
         return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
 
 
-def tiny_processor():
-    """Qwen2-VL's image processor with the local BPE tokenizer (no hub): the tiny models' processor."""
+def tiny_processor(kind="qwen2_vl"):
+    """The family's own processor classes (Qwen3-VL: 16-pixel patches, normalised to [-1, 1]) with the local BPE
+    tokenizer (no hub): the tiny models' processor."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    if kind == "qwen3_vl":
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+        image = Qwen2VLImageProcessor(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=build_tiny_tokenizer(),
+                                video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def patch_size(processor):
+    """The pixels of a vision patch side (Qwen2/2.5-VL 14, Qwen3-VL 16): images are resized to multiples of twice
+    it (a 2x2 merge of patches is one token)."""
+    return getattr(processor.image_processor, "patch_size", 14)
 
 
 def build_prompt(processor, row, cfg):
@@ -375,7 +388,8 @@ def build_prompt(processor, row, cfg):
     Raises ValueError with the reason when the row must be skipped (unreadable image, prompt too long)."""
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise ValueError("empty or non-text question")
-    image = None if row.get("image") is None else load_image(row["image"], cfg.min_pixels, cfg.max_pixels)
+    image = None if row.get("image") is None else load_image(row["image"], cfg.min_pixels, cfg.max_pixels,
+                                                             patch_size(processor))
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": row["problem"]}]
     messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
                 {"role": "user", "content": content}]
@@ -572,7 +586,8 @@ def build_tiny_tokenizer(vocab_size=512):
 
 
 def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
-    """Builds (once) and saves a tiny random Qwen2-VL or Qwen2.5-VL with its processor at `path`: the local BPE
+    """Builds (once) and saves a tiny random Qwen2-VL, Qwen2.5-VL or Qwen3-VL (kind: a key of TINY_VISION) with
+    its processor at `path`: the local BPE
     tokenizer, or the processor found in the folder `processor_from` (e.g. a real model's files, no weights,
     for a model of the real vocabulary and image handling with tiny layers). Call it before
     accelerate starts DeepSpeed (ZeRO-3 would partition the freshly built model); a file lock keeps processes
@@ -595,34 +610,41 @@ def build_tiny_model(path, kind="qwen2_vl", seed=0, processor_from=None):
     return path
 
 
+TINY_VISION = {  # the tiny vision towers: what differs between the families (head dims 64 everywhere)
+    "qwen2_vl": dict(depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, hidden_size=128, patch_size=14,
+                     spatial_merge_size=2, temporal_patch_size=2),
+    "qwen2_5_vl": dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[1]),
+    # DeepStack: features of both blocks are added into the first two language layers; an 8x8 learned position grid
+    "qwen3_vl": dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                     deepstack_visual_indexes=[0, 1]),
+}
+
+
 def _build_tiny_model(path, kind, seed, processor_from):
-    from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
-    processor = AutoProcessor.from_pretrained(processor_from) if processor_from else tiny_processor()
+    from transformers import CONFIG_MAPPING, AutoModelForImageTextToText, AutoProcessor
+    if kind not in TINY_VISION:
+        raise ValueError(f"unknown tiny model kind {kind!r}: use one of {', '.join(TINY_VISION)}")
+    processor = AutoProcessor.from_pretrained(processor_from) if processor_from else tiny_processor(kind)
     tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     text = dict(vocab_size=64 * math.ceil(len(tok) / 64), hidden_size=128, intermediate_size=256,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=tid("<|im_end|>"),
-                pad_token_id=tid("<|endoftext|>"), bos_token_id=tid("<|endoftext|>"),
-                rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
+                tie_word_embeddings=True, eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+                bos_token_id=tid("<|endoftext|>"))
+    if kind == "qwen3_vl":  # as Qwen3-VL's config.json writes it: interleaved multimodal RoPE
+        text.update(head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [8, 12, 12], "mrope_interleaved": True})
+    else:
+        text.update(rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
     ids = dict(image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
                vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
                tie_word_embeddings=True)
-    if kind == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, hidden_size=128, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
-    elif kind == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
-                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                      fullatt_block_indexes=[1])
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-        cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        raise ValueError(f"unknown tiny model kind {kind!r}: use qwen2_vl or qwen2_5_vl")
+    config = CONFIG_MAPPING[kind](text_config=text, vision_config=TINY_VISION[kind], **ids)
     torch.manual_seed(seed)
-    model = cls(config)
+    model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tid("<|endoftext|>")
     processor.save_pretrained(path)

@@ -16,6 +16,18 @@ def uppercase_reward(completions, **columns):
     return out
 
 
+def colour_letters_reward(completions, solution, **columns):
+    """Share of the completion's letters from the row's half of the alphabet: a-m for a red image, n-z for a blue
+    one (tests/test_train.py's colour data). A random model starts near 0.5 on both; a policy blind to the image
+    writes the same letters for both colours, so its shares on red and on blue rows add up to about 1."""
+    out = []
+    for c, colour in zip(completions, solution):
+        letters = [ch.lower() for ch in c if ch.isascii() and ch.isalpha()]
+        first_half = sum(ch <= "m" for ch in letters)
+        out.append((first_half if colour == "red" else len(letters) - first_half) / len(letters) if letters else 0.0)
+    return out
+
+
 def raising_reward(completions, **columns):
     raise KeyError("no_such_column")
 
@@ -26,7 +38,7 @@ def rank1_raising_reward(completions, **columns):  # a reward that fails on one 
     return [0.0] * len(completions)
 
 
-main.REWARDS.update(uppercase=uppercase_reward, raising=raising_reward, rank1_raising=rank1_raising_reward)
+main.REWARDS.update(uppercase=uppercase_reward, colour_letters=colour_letters_reward, raising=raising_reward, rank1_raising=rank1_raising_reward)
 
 if os.environ.get("NAN_LOSS_AT_CALL"):  # a fault to test the non-finite gradient guard: the Nth loss is NaN
     import trainer

@@ -332,15 +332,17 @@ def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batc
                                rtol=0, atol=1e-5)
 
 
-def test_shared_images_give_the_same_logprobs_and_gradients(tiny_qwen2_vl):
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
+def test_shared_images_give_the_same_logprobs_and_gradients(tmp_path, kind):
     """collate(share_images=True): the G rows of a prompt read one run of the vision tower. Log-probs and every
-    gradient (the vision tower's included) equal the model's own forward with each row's image, and the tower
-    runs once per distinct image."""
+    gradient (the vision tower's included, Qwen3-VL's DeepStack mergers too) equal the model's own forward with
+    each row's image, and the tower runs once per distinct image."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
-    from utils import build_prompt, collate, make_counting_dataset
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.float64)
-    processor = AutoProcessor.from_pretrained(tiny_qwen2_vl)
+    from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
+    path = build_tiny_model(str(tmp_path / kind), kind)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
+    processor = AutoProcessor.from_pretrained(path)
     rows = make_counting_dataset(3, seed=2)
     rows[1]["image"] = None
     cfg = Config(model="tiny")
@@ -365,12 +367,14 @@ def test_shared_images_give_the_same_logprobs_and_gradients(tiny_qwen2_vl):
     assert calls == [shared["pixel_values"].shape[0], each["pixel_values"].shape[0]], calls
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-9)
     assert any(".visual." in f".{n}" for n in results[0][1])
+    if kind == "qwen3_vl":
+        assert any("deepstack_merger" in n for n in results[0][1])
     assert results[0][1].keys() == results[1][1].keys()
     for n in results[1][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-7, atol=1e-9, msg=n)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
     """trainer.rope_positions (from host copies of the inputs: on a GPU the model's own walk over the rows stalls
     the queue several times a row) gives exactly the multimodal RoPE positions the model's forward computes
@@ -395,7 +399,7 @@ def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
     assert not torch.equal(own[1], own[0]), "the image's height/width positions differ from the text's"
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradients(tmp_path, kind):
     """trainer.batch_on_device computes, from the host copies, what the forward would read from the device (on a
     GPU each read stalls the queue): the RoPE positions and the vision tower's patch positions and per-image (and
@@ -437,7 +441,8 @@ def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradien
     assert any(".visual." in f".{n}" for n in own[1]) and own[1].keys() == ours[1].keys()
     for n in own[1]:
         torch.testing.assert_close(ours[1][n], own[1][n], rtol=1e-7, atol=1e-9, msg=n)
-    for key in ("position_ids", "cu_seqlens") + (("window_index",) if kind == "qwen2_5_vl" else ()):
+    family = {"qwen2_5_vl": ("window_index",), "qwen3_vl": ("interp_indices", "interp_weights")}.get(kind, ())
+    for key in ("position_ids", "cu_seqlens") + family:
         broken = dict(kwargs)
         broken[key] = kwargs[key].flip(0) if key != "cu_seqlens" else torch.tensor([0, kwargs[key][-1]],
                                                                                      dtype=kwargs[key].dtype)
@@ -447,3 +452,34 @@ def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradien
     with torch.no_grad():  # and the text positions
         wrong = completion_logprobs(model, {**ready, "position_ids": ready["position_ids"] * 0}) * mask
     assert (wrong - own[0]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_the_blank_image_row_changes_nothing_but_gives_the_vision_tower_a_zero_gradient(tmp_path, kind):
+    """A text-only micro-batch with the blank image row (trainer.with_blank_image: ZeRO-3 ranks must all run the
+    vision tower, and its gradient must be an exact zero, not left out): the rows' log-probs are those without it
+    (float64, to 1e-12: the row only widens the batch), and every vision parameter, Qwen3-VL's DeepStack mergers
+    included, gets a gradient of exactly zero."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
+    path = build_tiny_model(str(tmp_path / kind), kind)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
+    processor = AutoProcessor.from_pretrained(path)
+    rows = [dict(r, image=None) for r in make_counting_dataset(2, seed=5)]
+    prompts = [build_prompt(processor, r, Config(model="tiny")) for r in rows]
+    batch = collate(prompts, [[5, 9, 7], [11]], processor.tokenizer.pad_token_id)
+    assert "pixel_values" not in batch
+    out = []
+    for blank in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp = completion_logprobs(model, batch, blank_image=blank)
+        (logp * batch["completion_mask"]).sum().backward()
+        out.append((logp * batch["completion_mask"],  # (past a completion's end: padding, whatever it reads)
+                    {n: p.grad for n, p in model.named_parameters() if ".visual." in f".{n}"}))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-12)
+    assert all(g is None for g in out[0][1].values()), "without the row the tower takes no part"
+    assert all(g is not None and not g.any() for g in out[1][1].values()), [n for n, g in out[1][1].items()
+                                                                         if g is None or g.any()]
+    if kind == "qwen3_vl":
+        assert any("deepstack_merger" in n for n in out[1][1])

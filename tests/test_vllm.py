@@ -13,32 +13,36 @@ GPU = torch.cuda.is_available()
 
 
 LAYOUTS = ["cpu"] if not GPU else ["colocate", "own_gpu"] if torch.cuda.device_count() > 1 else ["colocate"]
+KINDS = ["qwen2_vl", "qwen3_vl"]  # Qwen2.5-VL's names and layers are Qwen2-VL's but for the vision blocks' MLP
 
 
-@pytest.fixture(scope="module", params=LAYOUTS)
+@pytest.fixture(scope="module", params=[(layout, kind) for layout in LAYOUTS for kind in KINDS],
+                ids=lambda p: "-".join(p))
 def engine(tmp_path_factory, request):
-    """One engine per layout for the module (starting one takes ~25 s on 2 CPU cores): vLLM's CPU backend (weights
-    through the staging file); on a GPU, sharing the trainer's (CUDA IPC) or on a GPU of its own (NCCL)."""
+    """One engine per layout and model family for the module (starting one takes ~25 s on 2 CPU cores): vLLM's
+    CPU backend (weights through the staging file); on a GPU, sharing the trainer's (CUDA IPC) or on a GPU of its
+    own (NCCL)."""
+    layout, kind = request.param
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
     from engine import start_vllm, stop_vllm
     from utils import build_prompt, build_tiny_model, make_counting_dataset, vision_token_ids
-    path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), "qwen2_vl")
+    path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), kind)
     dtype = torch.bfloat16 if GPU else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
     processor = AutoProcessor.from_pretrained(path)
     cfg = Config(model=path, max_completion_length=12)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
-    llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if request.param == "own_gpu" else visible[0],
-                     colocate=request.param == "colocate")
-    assert (llm.weight_group is not None) == (request.param == "own_gpu")  # NCCL exactly where it applies
-    assert llm.weight_transfer == {"cpu": "file", "colocate": "ipc", "own_gpu": "nccl"}[request.param]
+    llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if layout == "own_gpu" else visible[0],
+                     colocate=layout == "colocate")
+    assert (llm.weight_group is not None) == (layout == "own_gpu")  # NCCL exactly where it applies
+    assert llm.weight_transfer == {"cpu": "file", "colocate": "ipc", "own_gpu": "nccl"}[layout]
     rows = make_counting_dataset(3, seed=5)
     rows[2]["image"] = None  # a text-only prompt in the same batch
     prompts = [build_prompt(processor, r, cfg) for r in rows]
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     yield dict(llm=llm, model=model, processor=processor, cfg=cfg, prompts=prompts, dtype=dtype, initial=initial,
-               suppressed=vision_token_ids(model.config, processor.tokenizer))
+               suppressed=vision_token_ids(model.config, processor.tokenizer), kind=kind)
     stop_vllm(llm)
 
 
@@ -82,11 +86,15 @@ def test_weight_copy_is_exact_vision_tower_included(engine):
     sync()
     after = parity(engine)
     assert after < 0.02, after
-    for part in ("model.visual.blocks", "model.visual.merger", "model.visual.patch_embed", "lm_head"):
+    parts = {"model.visual.blocks": 0.1, "model.visual.merger": 0.1, "model.visual.patch_embed": 0.1}
+    if engine["kind"] == "qwen3_vl":  # DeepStack's mergers (their features enter the first language layers) and the
+        parts.update({"model.visual.deepstack_merger_list": 0.5, "model.visual.pos_embed": 3.0})  # position grid
+    parts["lm_head"] = 0.1  # last: the head moved by 0.1 makes the samples near-certain, the log-probs blind to the rest
+    for part, scale in parts.items():
         with torch.no_grad():  # only this part moves: the copy must carry it
             for n, p in model.named_parameters(remove_duplicate=False):
                 if n.startswith(part):
-                    p.add_(torch.randn_like(p) * 0.1)
+                    p.add_(torch.randn_like(p) * scale)
         stale = parity(engine)
         assert stale > 0.02, (part, stale)
         sync()
@@ -94,10 +102,14 @@ def test_weight_copy_is_exact_vision_tower_included(engine):
         assert after < 0.02, (part, after)
 
 
-@pytest.mark.parametrize("left_out", ["model.visual.blocks.0.mlp.fc1.weight",
-                                      "model.language_model.layers.1.self_attn.q_proj.weight", "lm_head.weight"])
-def test_a_tensor_left_out_is_named_and_parity_fails(engine, left_out):
+@pytest.mark.parametrize("kind,left_out", [("qwen2_vl", "model.visual.blocks.0.mlp.fc1.weight"),
+                                           ("qwen2_vl", "model.language_model.layers.1.self_attn.q_proj.weight"),
+                                           ("qwen2_vl", "lm_head.weight"),
+                                           ("qwen3_vl", "model.visual.deepstack_merger_list.0.linear_fc2.weight")])
+def test_a_tensor_left_out_is_named_and_parity_fails(engine, kind, left_out):
     from engine import make_weight_sync, push_weights_to_vllm
+    if engine["kind"] != kind:
+        pytest.skip(f"a {kind} tensor")
     model = engine["model"]
     model.load_state_dict(engine["initial"])
     model.requires_grad_(True)
