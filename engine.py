@@ -313,6 +313,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
                       generation_config="vllm",  # no sampling defaults from the model's files: we set every one
                       max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
                       enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                      # the trainer's pixel bounds, not the model's files' (Qwen3-VL's upscale images under 256x256)
+                      mm_processor_kwargs={"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}},
                       logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
                       worker_extension_cls="engine.VLLMWeightLoader", enable_sleep_mode=colocate and gpu is not None,
                       enforce_eager=cfg.vllm_enforce_eager or gpu is None,

@@ -914,7 +914,9 @@ def quiet_libraries():
     errors. Set by cli() before main() loads those libraries; the engine's processes inherit it."""
     for k, v in dict(VLLM_LOGGING_LEVEL="ERROR", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
                      HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_VERBOSITY="error", TORCH_CPP_LOG_LEVEL="ERROR",
-                     PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning",
+                     # (and multiprocessing's resource tracker, at exit, on the vLLM queues' shared memory it frees)
+                     PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning,"
+                                    "ignore:resource_tracker:UserWarning",
                      TOKENIZERS_PARALLELISM="false").items():
         os.environ.setdefault(k, v)
     import logging

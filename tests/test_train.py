@@ -280,25 +280,35 @@ def test_every_second_image_unreadable_on_two_ranks_trains_and_all_unreadable_st
 
 # ---- models with their real processors ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,assets", [("qwen2_vl", "Qwen2-VL-2B-Instruct"), ("qwen2_5_vl", "Qwen2.5-VL-3B-Instruct")])
+@pytest.mark.parametrize("kind,assets", [("qwen2_vl", "Qwen2-VL-2B-Instruct"), ("qwen2_5_vl", "Qwen2.5-VL-3B-Instruct"),
+                                         ("qwen3_vl", "Qwen2.5-VL-3B-Instruct")])
 def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets):
-    """Tiny layers, the real tokenizer (151k tokens) and image processor from ../shared/assets."""
+    """Tiny layers, the real tokenizer (151k tokens) and image processor from ../shared/assets (Qwen3-VL: its
+    processor classes around that tokenizer, as tests/make_random_model.py builds its real shapes)."""
     src = os.path.join(ASSETS, assets)
     if not os.path.isdir(src):
         pytest.skip(f"{src} not found (the real processors live in ../shared/assets)")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
     import trainer
-    from main import Config
+    from main import Config, load_processor
+    from make_random_model import qwen3_vl
     from utils import build_prompt, build_tiny_model, collate, make_counting_dataset, vision_token_ids
+    if kind == "qwen3_vl":
+        qwen3_vl("qwen3-vl-2b", src)[1].save_pretrained(str(tmp_path / "processor"))
+        src = str(tmp_path / "processor")
     path = build_tiny_model(str(tmp_path / kind), kind, processor_from=src)
     model = AutoModelForImageTextToText.from_pretrained(path)
-    processor = AutoProcessor.from_pretrained(path)
-    assert type(processor).__name__ == ("Qwen2VLProcessor" if kind == "qwen2_vl" else "Qwen2_5_VLProcessor")
     cfg = Config(model=path, max_pixels=112 * 112)
+    processor = load_processor(path, cfg)
+    assert type(processor).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                                        "qwen3_vl": "Qwen3VLProcessor"}[kind]
     rows = make_counting_dataset(3, seed=2)
     rows[2]["image"] = None
     prompts = [build_prompt(processor, r, cfg) for r in rows]
     assert "<|image_pad|>" in prompts[0]["text"] and "<|image_pad|>" not in prompts[2]["text"]
+    side = 16 if kind == "qwen3_vl" else 14  # patches of the image resized to multiples of 2 x side pixels
+    h, w = prompts[0]["image"].height, prompts[0]["image"].width
+    assert h % (2 * side) == w % (2 * side) == 0 and prompts[0]["image_grid_thw"].tolist() == [[1, h // side, w // side]]
     suppressed = vision_token_ids(model.config, processor.tokenizer)
     assert model.config.image_token_id in suppressed
     samples, logps = trainer.hf_generate(model, prompts, 2, processor.tokenizer.pad_token_id, 6,

@@ -23,15 +23,15 @@ def engine(tmp_path_factory, request):
     CPU backend (weights through the staging file); on a GPU, sharing the trainer's (CUDA IPC) or on a GPU of its
     own (NCCL)."""
     layout, kind = request.param
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from main import Config
+    from transformers import AutoModelForImageTextToText
+    from main import Config, load_processor
     from engine import start_vllm, stop_vllm
     from utils import build_prompt, build_tiny_model, make_counting_dataset, vision_token_ids
     path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), kind)
     dtype = torch.bfloat16 if GPU else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
-    processor = AutoProcessor.from_pretrained(path)
     cfg = Config(model=path, max_completion_length=12)
+    processor = load_processor(path, cfg)  # images within --min/max_pixels, as training resizes them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if layout == "own_gpu" else visible[0],
                      colocate=layout == "colocate")
