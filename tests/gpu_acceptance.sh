@@ -10,8 +10,9 @@
 #   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs: the three side-by-side ratios, a profile
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
 # bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
-# to a layout's train.sh (e.g. "--compile false"). Each leaves its log,
-# metrics.jsonl and nvidia-smi samples in OUT and prints the step split, completions/s and per-GPU peaks.
+# to a layout's train.sh (e.g. "--compile false"), MODEL another shape of tests/make_random_model.py (e.g.
+# qwen3-vl-2b). Each leaves its log, metrics.jsonl and nvidia-smi samples in OUT and prints the step split,
+# completions/s and per-GPU peaks.
 # A layout refuses to start on GPUs that other processes hold (a run killed by `timeout` leaves its launcher and
 # engine behind: stop runs with kill -- -PGID, or let them end). The device tool returns few files: tar OUT.
 set -uo pipefail
@@ -29,10 +30,10 @@ if [ -n "$busy" ]; then
   echo "GPUs $gpus are in use by other processes (pid, memory): $busy - wait for them or stop them first" >&2
   exit 3
 fi
-model=/tmp/qwen2-vl-2b-random
-[ "$what" = 7b ] && model=/tmp/qwen2.5-vl-7b-random
+src=$assets/Qwen2-VL-2B-Instruct; model=/tmp/qwen2-vl-2b-random
+[ "$what" = 7b ] && src=$assets/Qwen2.5-VL-7B-Instruct && model=/tmp/qwen2.5-vl-7b-random
+[ -n "${MODEL:-}" ] && src=$MODEL && model=/tmp/$MODEL-random  # MODEL=qwen3-vl-2b: another make_random_model shape
 if [ "$what" != tests ] && [ ! -f $model/config.json ]; then
-  src=$assets/Qwen2-VL-2B-Instruct; [ "$what" = 7b ] && src=$assets/Qwen2.5-VL-7B-Instruct
   CUDA_VISIBLE_DEVICES=$first $py tests/make_random_model.py $src $model.tmp && mv $model.tmp $model
 fi
 
