@@ -63,7 +63,7 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss scores at the same temperature)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (the loss scores the same truncated distribution)"})
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
-    max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448 -> 256 visual tokens)"})
+    max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)", "choices": ("all", "language", "mlp")})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
@@ -271,7 +271,7 @@ def check_data(cfg, rows, eval_rows, sample=32):
     import random
     import warnings
 
-    from utils import build_prompt, skip_reason, solution_problem
+    from utils import build_prompt, patch_size, skip_reason, solution_problem
     first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
         processor = load_processor(cfg.model, cfg)
@@ -280,6 +280,10 @@ def check_data(cfg, rows, eval_rows, sample=32):
             warnings.warn(f"--model {cfg.model}: no processor to check the data's prompts with ({type(e).__name__});"
                           " rows are checked as training reads them")
         return
+    token = (2 * patch_size(processor)) ** 2  # pixels of one visual token: a 2x2 merge of patches
+    if cfg.image_column != "none" and cfg.max_pixels < token:
+        user_error(f"--max_pixels {cfg.max_pixels} is under one visual token of {cfg.model} ({token} pixels, "
+                   f"{int(token ** 0.5)}x{int(token ** 0.5)}): raise it, e.g. to 200704")
     readers = [REWARDS[r] for r in cfg.rewards.split(",") if "solution" in inspect.signature(REWARDS[r]).parameters]
     columns = {"problem": cfg.question_column, "image": cfg.image_column}
     for name, data, scored, lists_ok in (

@@ -26,6 +26,9 @@ BAD_FLAGS = [
     (["--eval_steps", "-5"], "--eval_steps -5: must be >= 0"),
     (["--top_p", "0"], "--top_p 0.0: use a value in (0, 1]"),
     (["--min_pixels", "300000"], "--min_pixels 300000 --max_pixels 200704: need 0 < min_pixels <= max_pixels"),
+    # Qwen3-VL's 16-pixel patches: a token is 32x32 (Qwen2-VL's 28x28 fits); before, every image failed to resize
+    (["--model", "tiny-qwen3", "--min_pixels", "100", "--max_pixels", "900"],
+     "--max_pixels 900 is under one visual token of tiny-qwen3 (1024 pixels, 32x32): raise it"),
     (["--scale_rewards", "ture"], "'ture' is not a boolean: use true or false"),
     (["--beta", "-1"], "--beta -1.0: the KL weight must be >= 0"),
     (["--learning_rate=-1e-5"], "--learning_rate -1e-05: must be >= 0"),
