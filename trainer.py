@@ -1,4 +1,4 @@
-"""GRPO for Qwen2-VL / Qwen2.5-VL: rollout -> rewards -> advantages -> loss -> step -> weight copy.
+"""GRPO for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: rollout -> rewards -> advantages -> loss -> step -> weight copy.
 
 Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a config switch:
 - loss aggregation: `grpo` averages tokens within a sequence, then sequences; `dapo` averages all tokens of the
