@@ -1,4 +1,5 @@
-"""GRPO for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Edit this file to change the model (Config.model) or the rewards (REWARDS).
+"""GRPO for Qwen2-VL, Qwen2.5-VL and Qwen3-VL. Edit this file to change the model (Config.model) or the rewards
+(REWARDS).
 
     bash train.sh [--flag value ...]   # accelerate + DeepSpeed (ZeRO-2 where it fits, else 3), vLLM on the last GPU
     python main.py --help              # every flag, in groups, with its choices and default
@@ -737,7 +738,8 @@ def resume(path, cfg, accelerator, sampler, sync):
 
 
 def check_model(name):
-    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config at `name` (a folder or hub name), or one message saying what is there."""
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config at `name` (a folder or hub name), or one message saying what is
+    there."""
     if name in TINY:
         return
     from transformers import AutoConfig
@@ -753,8 +755,8 @@ def check_model(name):
                        f"path, or download the model first (huggingface-cli download {name})")
         here = "" if os.path.exists(name) else f"no such folder ({os.path.abspath(name)}) and, as a hub name, "
         user_error(f"--model {name}: {here}cannot read its config ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder or a hub name such "
-                   "as Qwen/Qwen2-VL-2B-Instruct")
+                   f"{str(e).splitlines()[0][:300]}); give a local Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder or a hub "
+                   "name such as Qwen/Qwen2-VL-2B-Instruct")
     if kind not in FAMILIES:
         user_error(f"--model {name} is a '{kind}' model: this trainer takes {', '.join(FAMILIES.values())} "
                    f"(model_type {', '.join(FAMILIES)})")

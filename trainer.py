@@ -222,9 +222,10 @@ def vision_kwargs(visual, grid, device):
     """What the vision tower computes from the images' (t, h, w) grid before its blocks, computed from a host copy
     of the grid (n, 3), as transformers' vision encoders take it precomputed (transformers.vision_utils): the
     patches' 2-D RoPE positions, and each image's span of the packed patch sequence (Qwen2.5-VL: each window's
-    too; Qwen3-VL: the taps and weights that resample its learned position grid). With SDPA the spans stay on the host: each block splits its attention per image with lengths read from
-    them, and from a device tensor every block of every pass stalls the GPU's queue (32 blocks x 3 passes a
-    micro-batch for the 2B model). None when this transformers has no such inputs."""
+    too; Qwen3-VL: the taps and weights that resample its learned position grid). With SDPA the spans stay on
+    the host: each block splits its attention per image with lengths read from them, and from a device tensor
+    every block of every pass stalls the GPU's queue (32 blocks x 3 passes a micro-batch for the 2B model). None
+    when this transformers has no such inputs."""
     try:
         from transformers import vision_utils
         from transformers.utils.generic import is_flash_attention_requested
