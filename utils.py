@@ -364,17 +364,19 @@ class DatasetRows:
         return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
 
 
-def tiny_processor(kind="qwen2_vl"):
+def tiny_processor(kind="qwen2_vl", tokenizer=None):
     """The family's own processor classes (Qwen3-VL: 16-pixel patches, normalised to [-1, 1], and its released
     processor's pixel bounds: at least 256x256, which load_processor and the engine override) with the local BPE
-    tokenizer (no hub): the tiny models' processor."""
+    tokenizer (no hub): the tiny models' processor. Qwen3-VL with another `tokenizer` and its chat template:
+    tests/make_random_model.py's real shapes."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
     if kind == "qwen3_vl":
         from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
         image = Qwen2VLImageProcessor(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                       size={"shortest_edge": 65536, "longest_edge": 16777216})
-        return Qwen3VLProcessor(image_processor=image, tokenizer=build_tiny_tokenizer(),
-                                video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer or build_tiny_tokenizer(),
+                                video_processor=Qwen3VLVideoProcessor(),
+                                chat_template=tokenizer.chat_template if tokenizer else CHAT_TEMPLATE)
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 

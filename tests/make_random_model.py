@@ -41,19 +41,15 @@ QWEN3_VL = {  # Qwen/Qwen3-VL-{2B,4B,8B}-Instruct's config.json
 
 def qwen3_vl(name, tokenizer_from):
     """(config, processor) of a Qwen3-VL shape in QWEN3_VL."""
-    from transformers import (AutoTokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor,
-                              Qwen3VLVideoProcessor)
+    from transformers import AutoTokenizer, Qwen3VLConfig
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from utils import tiny_processor
     shape = QWEN3_VL[name]
     config = Qwen3VLConfig(text_config={**TEXT, **shape["text"], "tie_word_embeddings": shape["tie"]},
                            vision_config={**VISION, **shape["vision"]}, tie_word_embeddings=shape["tie"],
                            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                            vision_end_token_id=151653)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    image = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-                                  image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": 16777216})
-    processor = Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
-                                 chat_template=tokenizer.chat_template)
-    return config, processor
+    return config, tiny_processor("qwen3_vl", AutoTokenizer.from_pretrained(tokenizer_from))
 
 
 if __name__ == "__main__":
