@@ -273,11 +273,12 @@ def quiet_partial_reload():
             q.setLevel(lv)
 
 
-def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
+def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False):
     """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `copy_bytes`: the
     largest weight copy the run will send; over NCCL the engine receives a copy whole before loading it, into a
     buffer of that size made here (the default memory share leaves room for it), so that a GPU without room for
-    it fails now, with a message, rather than mid-copy."""
+    it fails now, with a message, rather than mid-copy. `videos`: the data has a video column (the engine
+    reserves room for one video a prompt)."""
     check_vllm_version()
     from vllm import LLM
     transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
@@ -312,7 +313,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0):
             llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
                       generation_config="vllm",  # no sampling defaults from the model's files: we set every one
                       max_model_len=cfg.max_prompt_length + cfg.max_completion_length, gpu_memory_utilization=memory,
-                      enable_prefix_caching=True, limit_mm_per_prompt={"image": 1, "video": 0},
+                      enable_prefix_caching=True, limit_mm_per_prompt={"image": cfg.max_images, "video": int(videos)},
                       # the trainer's pixel bounds, not the model's files' (Qwen3-VL's upscale images under 256x256)
                       mm_processor_kwargs={"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}},
                       logprobs_mode="processed_logprobs",  # log-probs after temperature and our masking
@@ -522,12 +523,16 @@ def stop_vllm(llm):
 
 
 def vllm_prompt(prompt):
-    """vLLM wants one <|image_pad|> per image and expands it itself: collapse our processor's expanded run."""
-    ids, image_pad = prompt["input_ids"][0].tolist(), prompt.get("image_pad_id")
-    if prompt.get("image") is None:
-        return {"prompt_token_ids": ids}
-    collapsed = [t for i, t in enumerate(ids) if not (t == image_pad and i and ids[i - 1] == image_pad)]
-    return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": prompt["image"]}}
+    """The prompt as vLLM takes it: the tokens before the processor's expansion (one placeholder per image or
+    video) and the resized images and video frames, already sampled (its metadata gives each frame's time); vLLM
+    expands them itself (vllm_generate checks it comes to our tokens)."""
+    if not prompt["images"] and prompt.get("video") is None:
+        return {"prompt_token_ids": prompt["input_ids"][0].tolist()}
+    data = {"image": prompt["images"]} if prompt["images"] else {}
+    if prompt.get("video") is not None:
+        frames, metadata = prompt["video"]
+        data["video"] = [(frames, {**metadata, "do_sample_frames": False})]
+    return {"prompt_token_ids": prompt["engine_ids"], "multi_modal_data": data}
 
 
 def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, background=False, sync_follows=False):
@@ -539,7 +544,8 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
     sync_follows=True: the caller copies the weights in before the next generate; a sleeping engine (colocated)
     then drops its weights instead of keeping them in host memory, when every copy carries all of them."""
     import torch.distributed as dist
-    requests = [vllm_prompt(p) for p in prompts]
+    # each request with the tokens our processor expanded it to (the check below, for every rank's prompts)
+    requests = [(vllm_prompt(p), p["input_ids"][0].tolist()) for p in prompts]
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, requests, group=ENGINE["group"])
@@ -548,7 +554,7 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
     job = None
     if rank == 0:
         from vllm import SamplingParams
-        flat_requests = [r for rs in everyone for r in rs]
+        flat_requests = [r for rs in everyone for r, _ in rs]
         # a seed per request, drawn from rank 0's torch RNG (saved in checkpoints): a resumed run samples what the
         # uninterrupted one did, whatever the engine did before; vLLM seeds the n samples of a request seed..seed+n-1
         first = int(torch.randint(0, 2 ** 31 - 1 - n * len(flat_requests), ()))
@@ -573,10 +579,11 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
             bounds = [0]
             for rs in everyone:
                 bounds.append(bounds[-1] + len(rs))
-            for p, out in zip(prompts, outs):  # same prompt tokens on both sides, or the loss scores something else
-                if p["image"] is not None and len(out.prompt_token_ids) != p["input_ids"].shape[1]:
-                    raise RuntimeError(f"vLLM expanded the prompt to {len(out.prompt_token_ids)} tokens, the "
-                                       f"processor to {p['input_ids'].shape[1]}: the image sizes differ (check "
+            expanded = [ids for rs in everyone for _, ids in rs]
+            for ours, out in zip(expanded, outs):  # same prompt tokens on both sides, or the loss scores something else
+                if list(out.prompt_token_ids) != ours:
+                    raise RuntimeError(f"vLLM expanded a prompt to {len(out.prompt_token_ids)} tokens, the processor "
+                                       f"to {len(ours)}, or to other tokens: the image sizes differ (check "
                                        "--max_pixels)")
             return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
         # on a thread either way: a wait that notices the engine's death (vLLM's client waits forever for a dead

@@ -40,7 +40,12 @@ class Config:
     eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows, at most a fifth, held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
     solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
-    image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, URL, bytes or PIL; rows without one are text-only); none: a text-only dataset"})
+    image_column: str = field(default="image", metadata={"help": "dataset column holding the image (path, URL, bytes or PIL), or a list of them (the question places them with <image> markers, else they come first); rows without one are text-only; none: a text-only dataset"})
+    video_column: str = field(default="video", metadata={"help": "dataset column holding a video: a file (path or URL) or a list of frames (images); it comes before the question; none: no videos"})
+    video_fps: float = field(default=2.0, metadata={"help": "frames a second taken from a video file; a list of frames is taken as sampled at this rate (Qwen2.5-VL and Qwen3-VL place frames by their time)"})
+    video_max_frames: int = field(default=16, metadata={"help": "at most this many frames a video, evenly spaced"})
+    video_max_pixels: int = field(default=0, metadata={"help": "each frame resized to at most this many pixels (0: --max_pixels)"})
+    max_images: int = field(default=1, metadata={"help": "most images a row may hold (rows with more are skipped and counted); vLLM reserves room for this many a prompt"})
     output_dir: str = field(default="outputs/run", metadata={"help": "metrics.jsonl, completions.jsonl, curves.png, checkpoints, final/"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, sampling, tiny model weights)"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
@@ -94,6 +99,7 @@ class Config:
 
 FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
     "model and data": ("model", "dataset", "eval_dataset", "question_column", "solution_column", "image_column",
+                       "max_images", "video_column", "video_fps", "video_max_frames", "video_max_pixels",
                        "max_prompt_length", "min_pixels", "max_pixels", "strict", "seed"),
     "rollout": ("num_generations", "prompts_per_step", "max_completion_length", "temperature", "top_p", "rollout",
                 "overlap", "vllm_gpu_memory_utilization", "vllm_sync_bucket_mb", "vllm_weight_transfer",
@@ -161,12 +167,14 @@ def check_config(cfg):
                 problems.append("--reward_weights: give one weight per reward in --rewards")
         except ValueError:
             problems.append(f"--reward_weights {cfg.reward_weights!r}: comma-separated numbers, e.g. 1,0.5")
-    for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length"):
+    for name in ("prompts_per_step", "micro_batch_size", "mu", "max_completion_length", "max_prompt_length",
+                 "max_images", "video_max_frames"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1")
     if cfg.steps < 1 and cfg.epochs <= 0:
         problems.append(f"--steps {cfg.steps}: train at least 1 step (or give --epochs)")
-    for name in ("epochs", "eval_steps", "eval_size", "log_completions_steps", "learning_rate", "weight_decay"):
+    for name in ("epochs", "eval_steps", "eval_size", "log_completions_steps", "learning_rate", "weight_decay",
+                 "video_max_pixels"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} {getattr(cfg, name)}: must be >= 0")
     if not 0 < cfg.min_pixels <= cfg.max_pixels:
@@ -180,6 +188,8 @@ def check_config(cfg):
             problems.append(f"--{f.name} {getattr(cfg, f.name)}: give a finite number")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (the loss divides logits by it)")
+    if cfg.video_fps <= 0:
+        problems.append(f"--video_fps {cfg.video_fps}: frames a second must be > 0 (2 is usual)")
     if not 0 < cfg.top_p <= 1:
         problems.append(f"--top_p {cfg.top_p}: use a value in (0, 1]; 1 samples from the whole distribution")
     if cfg.beta < 0:
@@ -487,8 +497,9 @@ def main(cfg):
                              "checkpoint the others have): give every node the same --resume checkpoint")
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    videos = getattr(rows, "video_column", None) is not None  # the data has a video column
     policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model,
-                                                                           saved.get("zero_stage"))
+                                                                           saved.get("zero_stage"), videos)
     ds_plugin = accelerator.state.deepspeed_plugin
 
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
@@ -511,7 +522,8 @@ def main(cfg):
                 lambda: eval_sampler.next(max(1, cfg.eval_size // accelerator.num_processes)), DataError, accelerator)
         except DataError as e:
             user_error(f"the eval rows: {e}")
-    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id)
+    generate, sync, llm = make_rollout(cfg, path, accelerator, model, suppressed, processor.tokenizer.pad_token_id,
+                                       videos)
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
         zero += ", compiled layers" if model.model.language_model.layers[0]._compiled_call_impl is not None else ""
@@ -625,15 +637,20 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
 
 def load_processor(path, cfg):
     """The model's processor with images resized into [min_pixels, max_pixels] and prompts padded on the left (a
-    tiny model's, by its name in TINY, built in memory as build_tiny_model builds it)."""
+    tiny model's, by its name in TINY, built in memory as build_tiny_model builds it). Its video processor gets the
+    same bounds: vLLM's engine passes them to both (engine.start_vllm), and each side must expand a video alike
+    (Qwen2/2.5-VL bound each frame, Qwen3-VL a video's frames together)."""
     from transformers import AutoProcessor
     processor = tiny_processor(TINY[path]) if path in TINY else AutoProcessor.from_pretrained(path)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}  # pixels
+    if getattr(processor, "video_processor", None) is not None:
+        processor.video_processor.size = dict(processor.image_processor.size)
+        processor.video_processor.cap_pixels_per_frame = False  # transformers' current rule (and vLLM's call's)
     processor.tokenizer.padding_side = "left"
     return processor
 
 
-def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=None):
+def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=None, videos=False):
     """The loaded models made ready to train: DeepSpeed's config from ours, the processor, what trains, gradient
     checkpointing, the optimizer, and accelerate/DeepSpeed wrapping (the reference too). Returns (policy, reference
     or None, optimizer, processor, the token ids never sampled)."""
@@ -679,9 +696,11 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
     # a blank image row in micro-batches without an image (trainer.with_blank_image): several ranks, or ZeRO-3
-    # (whose gradient partitions keep a stale value for a tower that got no gradient, one process too)
-    scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p,
-                   blank_image=accelerator.num_processes > 1 or stage == 3, compiled=compiled)
+    # (whose gradient partitions keep a stale value for a tower that got no gradient, one process too); with
+    # videos in the data (`videos`) a blank video too
+    blank = accelerator.num_processes > 1 or stage == 3
+    scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p, blank_image=blank,
+                   blank_video=blank and videos, compiled=compiled)
     policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
     if ref_model is not None:
         ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
@@ -773,7 +792,7 @@ def load_data(cfg):
 
 
 def _load_data(cfg):
-    columns = (cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed)
+    columns = (cfg.question_column, cfg.solution_column, cfg.image_column, cfg.seed, cfg.video_column)
     rows = load_rows(cfg.dataset, "train", *columns)
     if not (cfg.eval_steps and cfg.eval_size):
         return rows, [], ""
@@ -838,7 +857,7 @@ def check_resumed_layout(saved, overlap, tis, resume_from):
                    f"{'on a GPU of its own' if was['overlap'] else 'colocated or on CPU'})")
 
 
-def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
+def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False):
     """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when every
     GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate()."""
     rollout, gpu, colocate, _, _ = rollout_layout(cfg, accelerator)
@@ -852,7 +871,7 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id):
     sizes = {False: 0, True: 0}  # the two parts the first copy sends, frozen and trainable; later copies: trainable
     for _, p in model.named_parameters(remove_duplicate=False):
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values())), owner)
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos), owner)
     sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set

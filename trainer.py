@@ -22,8 +22,10 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
-from utils import (DataError, RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos, extract_answer,
-                   save_thumbnail, write_jsonl, write_report)
+from utils import (VISUALS, DataError, RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos,
+                   extract_answer, save_thumbnail, write_jsonl, write_report)
+
+GRIDS = tuple(grid for _, grid, _ in VISUALS)  # image_grid_thw, video_grid_thw
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,21 +78,21 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
 
 
 def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=1.0, chunk_tokens=4096,
-                        blank_image=False):
+                        blank_image=False, blank_video=False):
     """(B, C) log-probs of the completion tokens (the last C columns of batch['input_ids']) under `model`, of the
     distribution the sampler draws from: logits / temperature, the tokens it may not emit (`suppressed_ids`)
     masked out and, with top_p < 1, only the nucleus kept (vLLM's and transformers' rule) plus the token scored.
     Runs the backbone once, then the LM head (scoring_head) over chunks of chunk_tokens (row, position) pairs: no
     (B, C, vocab) tensor ever exists, in forward or backward, and the head's memory stays the same for any
-    micro-batch size. `blank_image`: see with_blank_image."""
+    micro-batch size. `blank_image`, `blank_video`: see with_blank_image."""
     B, C = batch["completion_mask"].shape
-    if blank_image and "pixel_values" not in batch and getattr(model.config, "image_token_id", None) is not None:
-        batch = with_blank_image(batch, model.config)
-    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "image_index", "vision")}
-    if "image_grid_thw" in inputs and "mm_token_type_ids" in inputs and "position_ids" not in inputs:
+    if blank_image and ("pixel_values" not in batch or blank_video and "pixel_values_videos" not in batch) and \
+            getattr(model.config, "image_token_id", None) is not None:
+        batch = with_blank_image(batch, model.config, video=blank_video)
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "image_index", "video_index", "vision")}
+    if "mm_token_type_ids" in inputs and "position_ids" not in inputs and any(g in inputs for g in GRIDS):
         inputs["position_ids"] = rope_positions(model.model, inputs).to(inputs["input_ids"].device)
-    with shared_image_features(model.model, batch.get("image_index"), batch.get("image_grid_thw"),
-                               batch.get("vision")):
+    with shared_image_features(model.model, batch):
         hidden = model.model(**inputs, use_cache=False).last_hidden_state[:B]  # (B, L, H)
     hidden = hidden[:, -C - 1:-1]  # (B, C, H): position t predicts token t + 1
     targets = batch["input_ids"][:B, -C:]
@@ -214,8 +216,8 @@ def rope_positions(inner, inputs):
     """The multimodal RoPE positions (3, B, L) the model's forward would compute itself (its own get_rope_index),
     on the host: on a GPU that function walks the rows in Python and reads the device about 7 times a row, each
     read a stall of the GPU's queue (224 for a micro-batch of 32)."""
-    host = {k: inputs[k].cpu() for k in ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")}
-    return inner.get_rope_index(**host)[0]
+    keys = ("input_ids", "mm_token_type_ids", "attention_mask", "second_per_grid_ts") + GRIDS
+    return inner.get_rope_index(**{k: inputs[k].cpu() for k in keys if k in inputs})[0]
 
 
 def vision_kwargs(visual, grid, device):
@@ -254,66 +256,72 @@ def vision_kwargs(visual, grid, device):
 def batch_on_device(inner, batch, device):
     """A collated batch (on the host) moved to `device` for the forwards of the update, with what the model's
     forward would otherwise compute from device tensors computed here once, from the host copies: the multimodal
-    RoPE positions (rope_positions) and, as "vision", the distinct images' grid on the host and the vision tower's
-    inputs (vision_kwargs). image_index stays on the host (shared_image_features reads it)."""
-    out = {k: v if k == "image_index" else v.to(device) for k, v in batch.items()}
-    if "image_grid_thw" in batch and "mm_token_type_ids" in batch:
+    RoPE positions (rope_positions) and, as "vision", for images and videos the distinct ones' grid on the host and
+    the vision tower's inputs (vision_kwargs). The *_index entries stay on the host (shared_image_features reads
+    them)."""
+    out = {k: v if k.endswith("_index") else v.to(device) for k, v in batch.items()}
+    if "mm_token_type_ids" in batch and any(g in batch for g in GRIDS):
         out["position_ids"] = rope_positions(inner, batch).to(device)
-        index = batch.get("image_index")
-        grid = batch["image_grid_thw"] if index is None else batch["image_grid_thw"][distinct_rows(index)]
-        kwargs = vision_kwargs(inner.visual, grid, device)
-        if kwargs is not None:
-            out["vision"] = grid, kwargs
+        out["vision"] = {}
+        for pixels, grid, index in VISUALS:
+            if grid in batch:
+                distinct = distinct_grid(batch, grid, index)
+                kwargs = vision_kwargs(inner.visual, distinct, device)
+                if kwargs is not None:
+                    out["vision"][pixels] = distinct, kwargs
     return out
 
 
-def distinct_rows(image_index):
-    """For image_index (the distinct image each image row reads), the first row of each distinct image."""
+def distinct_grid(batch, grid, index):
+    """The grid rows of the distinct images (or videos) of a batch, in the order of its pixels (collate)."""
+    if index not in batch:
+        return batch[grid]
     first = {}
-    for row, i in enumerate(image_index.tolist()):
+    for row, i in enumerate(batch[index].tolist()):
         first.setdefault(i, row)
-    return [first[i] for i in range(len(first))]
+    return batch[grid][[first[i] for i in range(len(first))]]
 
 
-def shared_image_features(inner, image_index, image_grid_thw, vision=None):
-    """Context: the model's vision tower runs once per distinct image of a batch from collate(share_images=True)
-    (pixel_values holds each image once) and every row of that image reads the same features. The G rows of a
-    prompt share its image, so this saves (G - 1) / G of the vision work, forward and backward; the gradient is
-    the same (each row's gradient flows back into the shared features and adds up there). Everything else (image
-    placement, multimodal RoPE, Qwen3-VL's DeepStack: its per-level features are handed out to the rows the
-    same way) stays the model's own forward. `vision` (batch_on_device): the distinct images' grid on the host (get_image_features splits its output by sizes read from it) and the tower's inputs
-    precomputed from it."""
-    import contextlib
-    if image_index is None and vision is None:
+def shared_image_features(inner, batch):
+    """Context: the model's vision tower runs once per distinct image (and video) of a batch from
+    collate(share_images=True) (its pixels hold each once) and every image of every row reads the features of
+    its own. The G rows of a prompt share its images, so this saves (G - 1) / G of the vision work, forward and
+    backward; the gradient is the same (each row's gradient flows back into the shared features and adds up
+    there). Everything else (placement, multimodal RoPE, Qwen3-VL's DeepStack: its per-level features are handed
+    out the same way) stays the model's own forward. batch["vision"] (batch_on_device): per modality, the distinct
+    grid on the host (the features are split by sizes read from it) and the tower's inputs precomputed from it."""
+    if not any(index in batch for *_, index in VISUALS) and not batch.get("vision"):
         return contextlib.nullcontext()
-    vision_features = inner.get_image_features
-    rows = None if image_index is None else image_index.tolist()
-    if vision is not None:
-        distinct_grid, precomputed = vision
-    else:
-        distinct_grid, precomputed = image_grid_thw[distinct_rows(image_index)], {}
+    own = type(inner).get_image_features  # (a video's features are an image's: Qwen3-VL's own calls this)
 
-    def features(pixel_values, image_grid_thw=None, **kwargs):
-        out = vision_features(pixel_values, distinct_grid, **kwargs, **precomputed)
-        if rows is not None:
-            sizes = [len(x) for x in out.pooler_output]
-            out.pooler_output = tuple(out.pooler_output[i] for i in rows)
-            if getattr(out, "deepstack_features", None):  # Qwen3-VL: each level's features of all images, packed
-                out.deepstack_features = [torch.cat([parts[i] for i in rows])
-                                          for parts in (level.split(sizes) for level in out.deepstack_features)]
-        return out
+    def features_of(pixels, grid, index):
+        rows = batch[index].tolist() if index in batch else None
+        distinct, precomputed = batch.get("vision", {}).get(pixels) or (
+            distinct_grid(batch, grid, index) if grid in batch else None, {})
+
+        def features(pixel_values, _grid=None, **kwargs):
+            out = own(inner, pixel_values, distinct, **kwargs, **precomputed)
+            if rows is not None:
+                sizes = [len(x) for x in out.pooler_output]
+                out.pooler_output = tuple(out.pooler_output[i] for i in rows)
+                if getattr(out, "deepstack_features", None):  # Qwen3-VL: each level's features, packed
+                    out.deepstack_features = [torch.cat([parts[i] for i in rows])
+                                              for parts in (level.split(sizes) for level in out.deepstack_features)]
+            return out
+        return features
 
     @contextlib.contextmanager
     def scope():
-        inner.get_image_features = features
+        inner.get_image_features = features_of(*VISUALS[0])
+        inner.get_video_features = features_of(*VISUALS[1])
         try:
             yield
         finally:
-            del inner.get_image_features
+            del inner.get_image_features, inner.get_video_features
     return scope()
 
 
-def with_blank_image(batch, config):
+def with_blank_image(batch, config, video=False):
     """The batch plus one row holding only a blank 2x2-patch image (one image token) and no completion, whose
     output the caller drops. With several ZeRO-3 ranks every rank must run the same modules in the same order
     (each gathers its shards collectively, and DeepSpeed checks the ranks' module traces agree): a rank whose
@@ -321,22 +329,26 @@ def with_blank_image(batch, config):
     GPUs). Under ZeRO-3 one process needs it too: a vision tower that gets no gradient in a micro-batch keeps the
     gradient partition of the last one that had (DeepSpeed 0.19.8 copies a partition at the first micro-batch
     and adds after), and the step would apply it again; the blank row gives it an exact zero. The row goes
-    through the model's own image path, so nothing else changes."""
+    through the model's own image path, so nothing else changes. video=True (the run has videos): a blank video
+    too where the micro-batch has none, so every rank runs the tower twice, images then videos."""
     ids, completion_mask = batch["input_ids"], batch["completion_mask"]
-    P = ids.shape[1] - completion_mask.shape[1]  # the blank image sits at the end of the prompt columns
+    P = ids.shape[1] - completion_mask.shape[1]  # the blank ones sit at the end of the prompt columns
+    missing = [(pixels, grid, token, kind) for (pixels, grid, _), token, kind in
+               zip(VISUALS[:1 + video], (config.image_token_id, config.video_token_id), (1, 2)) if pixels not in batch]
     row, attn = torch.zeros_like(ids[:1]), torch.zeros_like(batch["attention_mask"][:1])
-    row[0, P - 3:P] = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
-    attn[0, P - 3:P] = 1
+    types = torch.zeros_like(row)
     out = {k: v for k, v in batch.items() if k not in ("position_ids", "vision")}  # computed without the row
+    v = config.vision_config
+    for k, (pixels, grid, token, kind) in enumerate(missing):  # <|vision_start|> token <|vision_end|> each
+        at = P - 3 * (len(missing) - k)
+        row[0, at:at + 3] = torch.tensor([config.vision_start_token_id, token, config.vision_end_token_id])
+        attn[0, at:at + 3], types[0, at + 1] = 1, kind
+        out[pixels] = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, device=ids.device)
+        out[grid] = torch.tensor([[1, 2, 2]], device=ids.device)  # 2x2 patches, one frame pair: one token
     out.update({"input_ids": torch.cat([ids, row]), "attention_mask": torch.cat([batch["attention_mask"], attn]),
                 "completion_mask": torch.cat([completion_mask, torch.zeros_like(completion_mask[:1])])})
     if "mm_token_type_ids" in batch:
-        types = torch.zeros_like(row)
-        types[0, P - 2] = 1
         out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], types])
-    v = config.vision_config
-    out["pixel_values"] = torch.zeros(4, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, device=ids.device)
-    out["image_grid_thw"] = torch.tensor([[1, 2, 2]], device=ids.device)
     return out
 
 
@@ -358,16 +370,17 @@ class LogProbModel(torch.nn.Module):
     gradient to the ones before instead of overwriting them. Calling the inner model directly made every step
     apply only the last micro-batch's gradient (tests/test_gradients.py)."""
 
-    def __init__(self, model, temperature=1.0, suppressed_ids=(), top_p=1.0, blank_image=False, compiled=False):
+    def __init__(self, model, temperature=1.0, suppressed_ids=(), top_p=1.0, blank_image=False, blank_video=False,
+                 compiled=False):
         super().__init__()
         self.model, self.config = model, model.config
         self.temperature, self.suppressed_ids, self.top_p = temperature, tuple(suppressed_ids), top_p
-        self.blank_image = blank_image  # several ranks: see with_blank_image
+        self.blank_image, self.blank_video = blank_image, blank_video  # several ranks: see with_blank_image
         scoring_head(model.get_output_embeddings(), compiled)  # transformers' generate gets float32 logits too
 
     def forward(self, batch):
         return completion_logprobs(self.model, batch, self.temperature, self.suppressed_ids, self.top_p,
-                                   blank_image=self.blank_image)
+                                   blank_image=self.blank_image, blank_video=self.blank_video)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Rewards, data (built-in counting task, user datasets, collation), model helpers (tiny models) and the run's report
 (curves.png, report.html)."""
 import io
+import itertools
 import json
 import math
 import os
@@ -226,7 +227,7 @@ def load_image(value, min_pixels, max_pixels, patch=14):
         if isinstance(value, (bytes, bytearray)):
             value = Image.open(io.BytesIO(value))
         if not isinstance(value, Image.Image):
-            raise ValueError(f"expected a path, URL, bytes or PIL image, got {type(value).__name__}")
+            raise ValueError(f"unreadable image (expected a path, URL, bytes or PIL image, got {type(value).__name__})")
         value.load()
         return fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels},
                            image_patch_size=patch)
@@ -249,20 +250,67 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def load_video(value, cfg, patch=14):
+    """A video as (frames: uint8 array (T, H, W, 3), metadata: {fps, frames_indices, total_num_frames}) from a file
+    (path or URL, read with transformers' PyAV reader at --video_fps) or a list of frames (anything load_image
+    reads, taken as sampled at --video_fps); at most --video_max_frames, evenly spaced, an even count (the towers
+    pack frames in pairs: an odd one's last frame is repeated, as qwen-vl-utils does). Each frame is resized as
+    an image, to at most --video_max_pixels. The metadata gives Qwen2.5-VL and Qwen3-VL each frame's time.
+    Raises ValueError ('unreadable video (...)')."""
+    max_pixels = cfg.video_max_pixels or cfg.max_pixels
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("unreadable video (an empty list of frames)")
+        keep = np.linspace(0, len(value) - 1, min(len(value), cfg.video_max_frames)).round().astype(int).tolist()
+        fps, total, raw = cfg.video_fps, len(value), [value[i] for i in keep]
+    else:
+        from transformers.video_utils import load_video as read
+
+        def sample(metadata, **_):
+            n = int(metadata.total_num_frames / metadata.fps * cfg.video_fps)
+            return np.linspace(0, metadata.total_num_frames - 1, max(1, min(n, cfg.video_max_frames))).round()
+
+        try:
+            if not isinstance(value, str):
+                raise TypeError(f"expected a video file's path or URL, or a list of frames, got {type(value).__name__}")
+            value = value.removeprefix("file://")
+            if not value.startswith(("http://", "https://")) and not os.path.isfile(value):
+                raise FileNotFoundError(f"no such file: {value}")
+            array, metadata = read(value, backend="pyav", sample_indices_fn=sample)
+        except Exception as e:
+            raise ValueError(f"unreadable video ({type(e).__name__}: {e})") from e
+        keep = [int(i) for i in metadata.frames_indices]
+        fps, total, raw = metadata.fps, metadata.total_num_frames, [Image.fromarray(f) for f in array]
+    frames = []
+    for i, frame in enumerate(raw):
+        try:
+            frames.append(load_image(frame, cfg.min_pixels, max_pixels, patch))
+        except ValueError as e:
+            raise ValueError(f"unreadable video (frame {keep[i]}: {e})") from e
+    if len({f.size for f in frames}) > 1:
+        raise ValueError(f"unreadable video (frames of different sizes: {sorted({f.size for f in frames})[:2]})")
+    if len(frames) % 2:
+        frames, keep = frames + frames[-1:], keep + keep[-1:]
+    return np.stack([np.asarray(f) for f in frames]), {"fps": fps, "frames_indices": keep, "total_num_frames": total}
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def looks_like_an_image(value):
-    """An image file name or URL, a data: URI, bytes, a datasets image dict or a PIL image: what load_image reads
-    (a column's name alone says nothing: 'image_caption', 'num_images')."""
+    """An image file name or URL, a data: URI, bytes, a datasets image dict or a PIL image, or a list of them: what
+    load_image reads (a column's name alone says nothing: 'image_caption', 'num_images')."""
+    if isinstance(value, list):
+        return bool(value) and all(map(looks_like_an_image, value))
     if isinstance(value, str):
         return value.lower().split("?")[0].endswith(IMAGE_EXTENSIONS) or value.startswith("data:image/")
     return isinstance(value, (bytes, bytearray, Image.Image)) or (isinstance(value, dict) and "bytes" in value)
 
 
-def load_rows(name, split, question_column, solution_column, image_column, seed=0):
+def load_rows(name, split, question_column, solution_column, image_column, seed=0, video_column="video"):
     """Rows of a dataset: 'counting' (built in), a local json/jsonl/parquet file, or a hub dataset name.
-    Renames the user's columns to problem/solution/image and checks they exist."""
+    Renames the user's columns to problem/solution/image/video and checks they exist (a missing 'video' column
+    means no videos; another name given with --video_column must exist)."""
     if name == "counting":
         return make_counting_dataset(512 if split == "train" else 64, seed=seed + (split != "train"))
     import datasets
@@ -292,7 +340,8 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
         image_column = None
     elif image_column not in ds.column_names:
         others = [c for c in ds.column_names if c not in (question_column, solution_column)]
-        stored = [c for c in others if isinstance(ds.features[c], datasets.Image)]
+        stored = [c for c in others if isinstance(ds.features[c], datasets.Image) or
+                  isinstance(getattr(ds.features[c], "feature", None), datasets.Image)]
         plain = [c for c in others if c not in stored]
         first = ds.select_columns(plain)[0] if plain and len(ds) else {}  # (stored images are not decoded)
         looks = stored + [c for c in plain if looks_like_an_image(first.get(c))]
@@ -302,15 +351,22 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
         warnings.warn(f"--dataset {name}: no image column '{image_column}' ({ds.column_names}): text-only prompts "
                       "(--image_column none says so and silences this)")
         image_column = None
+    if video_column not in ds.column_names and video_column not in ("video", "none"):
+        raise ValueError(f"--dataset {name}: no column '{video_column}' (columns: {ds.column_names}); name the "
+                         "videos' column with --video_column, or give --video_column none")
+    video_column = video_column if video_column in ds.column_names else None
     if "completions" in ds.column_names:
         raise ValueError(f"--dataset {name} has a column named 'completions', the argument every reward takes the "
                          "completions by: rename that column")
     if len(ds) == 0:
         raise ValueError(f"--dataset {name} split '{split}' is empty: point --dataset at data with rows")
-    if isinstance(ds.features.get(image_column), datasets.Image):  # stored images: bytes, decoded when used
+    feature = ds.features.get(image_column)
+    if isinstance(feature, datasets.Image):  # stored images: bytes, decoded when used
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    elif isinstance(getattr(feature, "feature", None), datasets.Image):  # a list of them per row
+        ds = ds.cast_column(image_column, datasets.List(datasets.Image(decode=False)))
     folder = os.path.dirname(os.path.abspath(name)) if os.path.exists(name) else None
-    return DatasetRows(ds, question_column, solution_column, image_column, folder)
+    return DatasetRows(ds, question_column, solution_column, image_column, folder, video_column=video_column)
 
 
 def first_bad_json_line(path):
@@ -340,8 +396,9 @@ class DatasetRows:
     process samples them: a rank touches only its own rows, and the images stay on disk until used. A row is
     every column under its own name (rewards may ask for it) plus problem/solution/image."""
 
-    def __init__(self, ds, question_column, solution_column, image_column, folder, indices=None):
+    def __init__(self, ds, question_column, solution_column, image_column, folder, indices=None, video_column=None):
         self.ds, self.columns, self.folder = ds, (question_column, solution_column, image_column), folder
+        self.video_column = video_column
         self.indices = range(len(ds)) if indices is None else indices
 
     def __len__(self):
@@ -353,15 +410,22 @@ class DatasetRows:
         question, solution, image_column = self.columns
         row = self.ds[self.indices[i]]
         image = row.get(image_column)
-        if self.folder and isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-            image = os.path.join(self.folder, image.removeprefix("file://"))  # relative to the data file (join
-            # keeps an absolute path as it is)
+        image = [self.located(v) for v in image] if isinstance(image, list) else self.located(image)
         row.update(problem=row[question], solution=row[solution], image=image)
+        if self.video_column:
+            video = row.get(self.video_column)
+            row["video"] = [self.located(v) for v in video] if isinstance(video, list) else self.located(video)
         return row
+
+    def located(self, image):
+        """A relative path is relative to the data file (join keeps an absolute path as it is)."""
+        if self.folder and isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
+            return os.path.join(self.folder, image.removeprefix("file://"))
+        return image
 
     def take(self, indices):
         """The rows at these positions, still unread."""
-        return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices])
+        return DatasetRows(self.ds, *self.columns, self.folder, [self.indices[j] for j in indices], self.video_column)
 
 
 def tiny_processor(kind="qwen2_vl", tokenizer=None):
@@ -377,6 +441,8 @@ def tiny_processor(kind="qwen2_vl", tokenizer=None):
         return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer or build_tiny_tokenizer(),
                                 video_processor=Qwen3VLVideoProcessor(),
                                 chat_template=tokenizer.chat_template if tokenizer else CHAT_TEMPLATE)
+    if kind == "qwen2_5_vl":  # (its processor gives each video's seconds per frame pair: second_per_grid_ts)
+        from transformers import Qwen2_5_VLProcessor as Qwen2VLProcessor  # noqa: F811
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=build_tiny_tokenizer(),
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
@@ -387,23 +453,54 @@ def patch_size(processor):
     return getattr(processor.image_processor, "patch_size", 14)
 
 
+IMAGE_MARKER = "<image>"  # where a question places its images (LLaVA's convention); without one they come first
+
+
+def row_images(value):
+    """A row's image column as a list: none (None), one image, or a list of them."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def user_content(question, n_images):
+    """The user turn: the question with its images where its <image> markers are, else all images first."""
+    if IMAGE_MARKER not in question:
+        return [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    parts = question.split(IMAGE_MARKER)
+    if len(parts) - 1 != n_images:
+        raise ValueError(f"{IMAGE_MARKER} markers and images differ in number ({len(parts) - 1} markers in the "
+                         f"question, {n_images} images)")
+    content = []
+    for i, part in enumerate(parts):
+        content += [{"type": "text", "text": part}] if part else []
+        content += [{"type": "image"}] if i < n_images else []
+    return content
+
+
 def build_prompt(processor, row, cfg):
-    """Tokenised prompt for one row: a dict of the processor's tensors (batch dim 1) plus 'image'.
-    Raises ValueError with the reason when the row must be skipped (unreadable image, prompt too long)."""
+    """Tokenised prompt for one row: a dict of the processor's tensors (batch dim 1), plus 'images' (the resized
+    images), 'video' (load_video's, or None: it comes first) and 'engine_ids' (the prompt's tokens before the
+    processor expands each image's or video's placeholder to its patches: what vLLM takes). Raises ValueError with
+    the reason when the row must be skipped (unreadable image or video, too many images, prompt too long)."""
     if not isinstance(row.get("problem"), str) or not row["problem"].strip():
         raise ValueError("empty or non-text question")
-    image = None if row.get("image") is None else load_image(row["image"], cfg.min_pixels, cfg.max_pixels,
-                                                             patch_size(processor))
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": row["problem"]}]
+    values = row_images(row.get("image"))
+    if len(values) > cfg.max_images:
+        raise ValueError(f"more images than --max_images ({len(values)} > {cfg.max_images})")
+    images = [load_image(v, cfg.min_pixels, cfg.max_pixels, patch_size(processor)) for v in values]
+    video = None if row.get("video") is None else load_video(row["video"], cfg, patch_size(processor))
     messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
-                {"role": "user", "content": content}]
+                {"role": "user", "content": [{"type": "video"}] * (video is not None) +
+                 user_content(row["problem"], len(images))}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    enc = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    from transformers.video_utils import VideoMetadata
+    videos = {} if video is None else dict(videos=[video[0]], do_sample_frames=False, video_metadata=[
+        VideoMetadata(**video[1])])
+    enc = processor(text=[text], images=images or None, return_tensors="pt", **videos)
     n = enc["input_ids"].shape[1]
     if n > cfg.max_prompt_length:  # never truncate: cutting inside the image tokens breaks the model's input
         raise ValueError(f"prompt of {n} tokens is over --max_prompt_length {cfg.max_prompt_length}")
-    image_pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    return {"text": text, "image": image, "image_pad_id": image_pad_id, **enc}
+    return {"text": text, "images": images, "video": video, "engine_ids": processor.tokenizer(text)["input_ids"],
+            **enc}
 
 
 def skip_reason(message):
@@ -500,12 +597,16 @@ def counted(reasons):
     return ", ".join(f"{k}: {v}" for k, v in Counter(reasons).most_common())
 
 
+VISUALS = (("pixel_values", "image_grid_thw", "image_index"), ("pixel_values_videos", "video_grid_thw", "video_index"))
+
+
 def collate(prompts, completions, pad_id, share_images=False):
     """One training batch from prompts (dicts from build_prompt) and completion token lists, aligned so that
     every completion starts at the same column: prompts padded on the left to P, completions on the right to C.
-    Images stay with their own prompt: pixel rows are concatenated in sample order. share_images: rows of the
-    same prompt (object) share one copy of its pixels; `image_index` says which copy each image row reads (the
-    loss's forward runs the vision tower once per distinct image: trainer.completion_logprobs)."""
+    Images (and videos) stay with their own prompt, however many a row has: pixel rows are concatenated in sample
+    order. share_images: rows of the same prompt (object) share one copy of its pixels; `image_index`
+    (`video_index`) says which copy each image of each row reads (the loss's forward runs the vision tower once
+    per distinct image: trainer.shared_image_features)."""
     P = max(p["input_ids"].shape[1] for p in prompts)
     C = max(len(c) for c in completions)
     B = len(prompts)
@@ -525,14 +626,18 @@ def collate(prompts, completions, pad_id, share_images=False):
     batch = {"input_ids": ids, "attention_mask": attn, "completion_mask": mask}
     if any("mm_token_type_ids" in p for p in prompts):
         batch["mm_token_type_ids"] = mm
-    with_image = [p for p in prompts if p.get("pixel_values") is not None]
-    if with_image:
-        batch["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_image])
-        distinct = list({id(p): p for p in with_image}.values()) if share_images else with_image
-        batch["pixel_values"] = torch.cat([p["pixel_values"] for p in distinct])
-        if share_images:
-            index = {id(p): i for i, p in enumerate(distinct)}
-            batch["image_index"] = torch.tensor([index[id(p)] for p in with_image])
+    for pixels, grid, index in VISUALS:
+        having = [p for p in prompts if p.get(pixels) is not None]
+        if not having:
+            continue
+        batch[grid] = torch.cat([p[grid] for p in having])  # a (t, h, w) row per image of every row, in order
+        if pixels == "pixel_values_videos" and "second_per_grid_ts" in having[0]:  # Qwen2.5-VL: each video's
+            batch["second_per_grid_ts"] = torch.cat([torch.as_tensor(p["second_per_grid_ts"]) for p in having])
+        distinct = list({id(p): p for p in having}.values()) if share_images else having
+        batch[pixels] = torch.cat([p[pixels] for p in distinct])
+        if share_images:  # each image of each row: which of the distinct images it is
+            first = dict(zip(map(id, distinct), itertools.accumulate((len(p[grid]) for p in distinct), initial=0)))
+            batch[index] = torch.tensor([first[id(p)] + j for p in having for j in range(len(p[grid]))])
     return batch
 
 
@@ -569,7 +674,8 @@ CHAT_TEMPLATE = (
     "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -709,7 +815,9 @@ def plot_curves(history, path):
 
 
 def save_thumbnail(image, out_dir, name):
-    """A small PNG of a prompt's image in out_dir/prompt_images/ (the report and completions.jsonl point at it), or None."""
+    """A small PNG of a prompt's (first) image in out_dir/prompt_images/ (the report and completions.jsonl point at
+    it), or None."""
+    image = next(iter(row_images(image)), None)
     if image is None:
         return None
     try:

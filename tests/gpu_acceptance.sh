@@ -39,6 +39,13 @@ fi
 
 nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$out/smi_$what.csv" &
 smi=$!
+# each process's GPU memory and host RSS every 2 s (the engine's must stay flat over a long run: an encoder or
+# multimodal cache that keeps every image would grow here)
+(while sleep 2; do t=$(date +%s)
+   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits | sed "s/^/$t, gpu, /"
+   ps -eo pid=,rss=,comm= | awk -v t=$t '$3 ~ /python|VLLM|vllm/ {print t", rss, "$1", "$2}'
+ done) > "$out/procs_$what.csv" 2>/dev/null &
+procs=$!
 args=(--model $model --steps 20 --num_generations 8 --prompts_per_step 4 --max_completion_length 512
       --trainable all --eval_steps 0 --save_steps 0 --output_dir /tmp/run_${what}_$first --overwrite true ${TRAIN_ARGS:-})
 port=$((29500 + ${first} * 10))  # layouts side by side need a rendezvous port each
@@ -77,7 +84,7 @@ with open('/tmp/mixed/data.jsonl', 'w') as f:
     CUDA_VISIBLE_DEVICES=$gpus timeout 420 bash train.sh "${args[@]}" --dataset /tmp/mixed/data.jsonl --steps 5 \
       --max_completion_length 256 --micro_batch_size 4 > "$out/mixed.log" 2>&1; rc=$? ;;
 esac
-kill $smi 2>/dev/null
+kill $smi $procs 2>/dev/null
 case $what in tests|bench) exit $rc ;; esac
 tail -n 3 "$out/$what.log"
 cp /tmp/run_${what}_$first/metrics.jsonl "$out/metrics_$what.jsonl" 2>/dev/null

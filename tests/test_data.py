@@ -14,6 +14,7 @@ import signal
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -579,10 +580,10 @@ def check_prompt_belongs_to_row(processor, row, prompt):
     assert prompt["text"].count(row["problem"]) == 1
     pads = int((prompt["input_ids"][0] == image_pad_id(processor)).sum())
     if row["image"] is None:
-        assert prompt["image"] is None and prompt.get("pixel_values") is None and pads == 0
+        assert prompt["images"] == [] and prompt.get("pixel_values") is None and pads == 0
         return
     img, vision = expected_vision(processor, row["image"])
-    assert prompt["image"].tobytes() == img.tobytes()
+    assert len(prompt["images"]) == 1 and prompt["images"][0].tobytes() == img.tobytes()
     assert torch.equal(prompt["image_grid_thw"], vision["image_grid_thw"])
     assert torch.equal(prompt["pixel_values"], vision["pixel_values"])
     assert pads == n_image_tokens(processor, prompt["image_grid_thw"][0])
@@ -752,3 +753,198 @@ def test_cut_at_eos_does_not_modify_its_input():
     tokens = [1, 2, PAD, PAD]
     utils.cut_at_eos(tokens, {EOS}, PAD)
     assert tokens == [1, 2, PAD, PAD]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several images a row
+
+def image_runs(processor, ids):
+    """[(start, length)] of each run of image tokens in a prompt's ids."""
+    pad, runs = image_pad_id(processor), []
+    for i, t in enumerate(ids):
+        if t == pad and (i == 0 or ids[i - 1] != pad):
+            runs.append([i, 0])
+        if t == pad:
+            runs[-1][1] += 1
+    return [tuple(r) for r in runs]
+
+
+@pytest.mark.parametrize("question,texts", [
+    ("Left <image> and right <image>: how many in all?", ["Left ", " and right ", ": how many in all?"]),
+    ("<image><image>How many in all?", ["How many in all?"]),
+    ("How many in all?", ["How many in all?"]),  # no markers: the images come first
+])
+def test_several_images_each_in_its_place_with_its_own_pixels(processor, question, texts):
+    """A row with a list of images (of different sizes): each image's tokens sit where its <image> marker was
+    (else all first, in order), as many as its own grid says, and its pixels are the image processor's of that
+    image alone, in the row's order."""
+    values = [encode(noise_image(112, 56, 21)), encode(noise_image(56, 84, 22))]
+    prompt = utils.build_prompt(processor, {"problem": question, "image": values}, cfg(max_images=2))
+    ids = prompt["input_ids"][0].tolist()
+    runs = image_runs(processor, ids)
+    alone = [expected_vision(processor, v)[1] for v in values]
+    assert [n for _, n in runs] == [n_image_tokens(processor, a["image_grid_thw"][0]) for a in alone]
+    assert len(set(n for _, n in runs)) == 2, "distinct sizes: a swap cannot go unnoticed"
+    assert torch.equal(prompt["image_grid_thw"], torch.cat([a["image_grid_thw"] for a in alone]))
+    assert torch.equal(prompt["pixel_values"], torch.cat([a["pixel_values"] for a in alone]))
+    decoded = [processor.tokenizer.decode(ids[a + n:b]) for (a, n), (b, _) in zip(runs, runs[1:] + [(len(ids), 0)])]
+    where = [processor.tokenizer.decode(ids[:runs[0][0]])] + decoded
+    if len(texts) == 3:  # the text before, between and after the images
+        assert where[0].endswith("Left <|vision_start|>") and where[1].startswith("<|vision_end|> and right")
+        assert where[2].startswith("<|vision_end|>: how many in all?")
+    else:
+        assert where[1] == "<|vision_end|><|vision_start|>" and where[2].startswith("<|vision_end|>How many in all?")
+    assert "<image>" not in prompt["text"]
+    assert processor.tokenizer.decode(prompt["engine_ids"]).count("<|image_pad|>") == 2  # one per image for vLLM
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"problem": "A <image> B <image>", "image": ["a.png"]}, "<image> markers and images differ in number"),
+    ({"problem": "A <image>", "image": None}, "<image> markers and images differ in number"),
+    ({"problem": "three?", "image": ["a.png", "a.png", "a.png"]}, "more images than --max_images"),
+    ({"problem": "a gap?", "image": ["a.png", None]}, "unreadable image"),
+    ({"problem": "a broken one?", "image": ["a.png", b"not an image"]}, "unreadable image"),
+])
+def test_a_bad_row_of_several_images_is_skipped_with_its_reason(processor, tmp_path, row, reason):
+    noise_image(56, 56, 1).save(tmp_path / "a.png")
+    row = dict(row, image=[str(tmp_path / v) if isinstance(v, str) else v for v in row["image"]]
+               if row["image"] else None)
+    with pytest.raises(ValueError) as e:
+        utils.build_prompt(processor, row, cfg(max_images=2))
+    assert utils.skip_reason(str(e.value)) == reason, str(e.value)
+
+
+def test_an_empty_image_list_is_a_text_only_row(processor):
+    prompt = utils.build_prompt(processor, {"problem": "Two plus two?", "image": []}, cfg())
+    assert prompt["images"] == [] and "pixel_values" not in prompt
+
+
+def test_collate_keeps_each_row_with_its_own_images_whatever_their_count(processor):
+    """Rows of 2, 0, 3 and 1 images in one micro-batch, each prompt twice (G = 2): the plain batch holds every
+    row's images in row order; the shared one each prompt's once, and image_index sends each image of each row
+    to its own copy."""
+    sizes = [(112, 56), (56, 84), (84, 84), (56, 56), (112, 112), (168, 56)]
+    imgs = [encode(noise_image(w, h, 30 + i)) for i, (w, h) in enumerate(sizes)]
+    rows = [{"problem": "two?", "image": imgs[:2]}, {"problem": "none?", "image": None},
+            {"problem": "three?", "image": imgs[2:5]}, {"problem": "one?", "image": imgs[5:]}]
+    prompts = [utils.build_prompt(processor, r, cfg(max_images=3)) for r in rows]
+    flat = [p for p in prompts for _ in range(2)]
+    completions = [[300 + j] for j in range(len(flat))]
+    pad = processor.tokenizer.pad_token_id
+    plain, shared = utils.collate(flat, completions, pad), utils.collate(flat, completions, pad, share_images=True)
+    having = [p for p in flat if p.get("pixel_values") is not None]
+    assert torch.equal(plain["pixel_values"], torch.cat([p["pixel_values"] for p in having]))
+    assert torch.equal(plain["image_grid_thw"], torch.cat([p["image_grid_thw"] for p in having]))
+    assert torch.equal(shared["image_grid_thw"], plain["image_grid_thw"])
+    assert torch.equal(shared["pixel_values"], torch.cat([p["pixel_values"] for p in prompts if p["images"]]))
+    assert shared["image_index"].tolist() == [0, 1, 0, 1, 2, 3, 4, 2, 3, 4, 5, 5]
+    for i in range(len(flat)):  # each row's image tokens, in order, as many as its own images'
+        want = [n_image_tokens(processor, g) for g in flat[i].get("image_grid_thw", [])]
+        assert [n for _, n in image_runs(processor, plain["input_ids"][i].tolist())] == want
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# videos
+
+def write_video(path, n=10, fps=5, size=(64, 48)):
+    """An mpeg4 file (PyAV) of n frames at fps whose frame i is grey level 25 * i."""
+    import av
+    import numpy as np
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((size[1], size[0], 3), 25 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return str(path)
+
+
+@pytest.mark.parametrize("n,max_frames,kept", [(6, 4, [0, 2, 3, 5]), (3, 16, [0, 1, 2, 2]), (1, 16, [0, 0]),
+                                               (8, 8, list(range(8)))])
+def test_a_list_of_frames_is_thinned_evenly_to_an_even_count(n, max_frames, kept):
+    """Frames taken as sampled at --video_fps; at most --video_max_frames, evenly spaced; an odd count's last
+    frame repeated (the towers take frames in pairs); each frame resized as an image."""
+    frames = [noise_image(60, 90, 40 + i) for i in range(n)]
+    array, metadata = utils.load_video(frames, cfg(video_max_frames=max_frames, video_fps=3.0))
+    assert metadata == {"fps": 3.0, "frames_indices": kept, "total_num_frames": n}
+    want = [utils.load_image(frames[i], MIN_PIXELS, MAX_PIXELS) for i in kept]
+    assert array.shape == (len(kept), want[0].height, want[0].width, 3) and array.dtype.name == "uint8"
+    assert all((array[k] == np.asarray(w)).all() for k, w in enumerate(want))
+
+
+def test_a_video_file_is_sampled_at_video_fps(tmp_path):
+    """10 frames at 5 fps (2 s) read at --video_fps 2: 4 frames, evenly spread (0, 3, 6, 9), each the frame it
+    says it is (grey 25 x index, within the codec's loss), sized as an image, the file's own fps kept for the
+    frames' times. --video_max_frames caps the count."""
+    path = write_video(tmp_path / "v.mp4")
+    array, metadata = utils.load_video(path, cfg(video_fps=2.0, video_max_pixels=56 * 56))
+    assert metadata["frames_indices"] == [0, 3, 6, 9] and metadata["fps"] == 5.0 and metadata["total_num_frames"] == 10
+    assert array.shape[0] == 4 and array.shape[1] % 28 == 0 and array.shape[1] * array.shape[2] <= 56 * 56
+    assert [round(float(f.mean()) / 25) for f in array] == [0, 3, 6, 9]
+    array, metadata = utils.load_video("file://" + path, cfg(video_fps=5.0, video_max_frames=2))
+    assert metadata["frames_indices"] == [0, 9]
+
+
+@pytest.mark.parametrize("value,message", [
+    ([None, None], r"unreadable video \(frame 0: unreadable image"),
+    (["ok", None], r"unreadable video \(frame 1: unreadable image"),
+    (["ok", "wide"], r"unreadable video \(frames of different sizes"),
+    ([], r"unreadable video \(an empty list of frames\)"),
+    ("missing.mp4", r"unreadable video \(.*missing.mp4"),
+    ("not_a_video.mp4", r"unreadable video"),
+    (5, r"unreadable video \(TypeError: expected a video file's path or URL, or a list of frames, got int\)"),
+])
+def test_a_bad_video_is_named_and_skipped(tmp_path, processor, value, message):
+    files = {"ok": noise_image(56, 56, 1), "wide": noise_image(112, 56, 2)}
+    for name, img in files.items():
+        img.save(tmp_path / f"{name}.png")
+    (tmp_path / "not_a_video.mp4").write_text("hello")
+    value = [str(tmp_path / f"{v}.png") if v in files else v for v in value] if isinstance(value, list) else \
+        str(tmp_path / value) if isinstance(value, str) else value
+    with pytest.raises(ValueError, match=message):
+        utils.load_video(value, cfg())
+    with pytest.raises(ValueError) as e:  # as a row: skipped and counted under its reason
+        utils.build_prompt(processor, {"problem": "what moves?", "image": None, "video": value}, cfg())
+    assert utils.skip_reason(str(e.value)) == "unreadable video"
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_a_video_row_comes_first_with_its_frames_times(tmp_path, kind):
+    """The video's tokens come before the question (and any image), as many as its grid says; the processor gets
+    the frames as sampled (no sampling of its own) with their times: Qwen2.5-VL's seconds per frame pair from
+    --video_fps, Qwen3-VL's timestamps in the text from the frames' indices over the fps."""
+    path = utils.build_tiny_model(str(tmp_path / kind), kind)
+    c = main.Config(model=path, video_fps=1.0, max_prompt_length=4096)
+    proc = main.load_processor(path, c)
+    frames = [noise_image(56, 84, 50 + i) for i in range(4)]
+    prompt = utils.build_prompt(proc, {"problem": "What moves?", "image": noise_image(56, 56, 3), "video": frames}, c)
+    ids = prompt["input_ids"][0].tolist()
+    video, image = (proc.tokenizer.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|image_pad|>"))
+    grid = prompt["video_grid_thw"][0]
+    assert ids.count(video) == int(grid.prod()) // 4 and grid[0] == 2
+    assert max(i for i, t in enumerate(ids) if t == video) < ids.index(image)
+    text = proc.tokenizer.decode(ids)
+    assert text.index("<|video_pad|>") < text.index("What moves?")
+    if kind == "qwen2_5_vl":
+        assert prompt["second_per_grid_ts"] == [2.0] or torch.equal(torch.as_tensor(prompt["second_per_grid_ts"]),
+                                                                     torch.tensor([2.0]))
+    if kind == "qwen3_vl":  # frames 0-1 and 2-3 at 1 fps: their pairs' mid times
+        assert "<0.5 seconds>" in text and "<2.5 seconds>" in text
+
+
+def test_load_rows_reads_lists_of_images_and_a_video_column(tmp_path):
+    """Lists of relative image paths and a video's frames are taken from the data file's folder; a data file
+    without a 'video' column has no videos, and a --video_column it lacks is named."""
+    for name in ("a", "b"):
+        noise_image(56, 56, 7).save(tmp_path / f"{name}.png")
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"problem": "two?", "solution": "2", "image": ["a.png", "b.png"], "video": ["a.png", "b.png"]}])
+    rows = utils.load_rows(str(path), "train", "problem", "solution", "image")
+    assert rows[0]["image"] == rows[0]["video"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    write_jsonl(path, [{"problem": "two?", "solution": "2", "image": "a.png"}])
+    assert "video" not in utils.load_rows(str(path), "train", "problem", "solution", "image")[0]
+    with pytest.raises(ValueError, match="no column 'clip'.*--video_column"):
+        utils.load_rows(str(path), "train", "problem", "solution", "image", video_column="clip")

@@ -425,7 +425,7 @@ def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradien
     batch = collate(prompts, completions, processor.tokenizer.pad_token_id, share_images=True)
     assert len(set(map(tuple, batch["image_grid_thw"].tolist()))) > 1, "images of different sizes"
     ready = batch_on_device(model.model, batch, "cpu")
-    grid, kwargs = ready["vision"]
+    grid, kwargs = ready["vision"]["pixel_values"]
     assert "position_ids" in ready and kwargs["cu_seqlens"].shape[0] == grid.shape[0] + 1 == 4
     if kind == "qwen2_5_vl":
         assert kwargs["cu_window_seqlens"].shape[0] > grid.shape[0] + 1, "windows smaller than the images"
@@ -447,19 +447,21 @@ def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradien
         broken[key] = kwargs[key].flip(0) if key != "cu_seqlens" else torch.tensor([0, kwargs[key][-1]],
                                                                                      dtype=kwargs[key].dtype)
         with torch.no_grad():
-            wrong = completion_logprobs(model, {**ready, "vision": (grid, broken)}) * mask
+            wrong = completion_logprobs(model, {**ready, "vision": {"pixel_values": (grid, broken)}}) * mask
         assert (wrong - own[0]).abs().max() > 1e-6, f"the precomputed {key} is not what the forward used"
     with torch.no_grad():  # and the text positions
         wrong = completion_logprobs(model, {**ready, "position_ids": ready["position_ids"] * 0}) * mask
     assert (wrong - own[0]).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("video", [False, True])
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_the_blank_image_row_changes_nothing_but_gives_the_vision_tower_a_zero_gradient(tmp_path, kind):
+def test_the_blank_image_row_changes_nothing_but_gives_the_vision_tower_a_zero_gradient(tmp_path, kind, video):
     """A text-only micro-batch with the blank image row (trainer.with_blank_image: ZeRO-3 ranks must all run the
     vision tower, and its gradient must be an exact zero, not left out): the rows' log-probs are those without it
     (float64, to 1e-12: the row only widens the batch), and every vision parameter, Qwen3-VL's DeepStack mergers
-    included, gets a gradient of exactly zero."""
+    included, gets a gradient of exactly zero. video=True (a run with videos): the row holds a blank video too,
+    and the tower runs twice, images then videos, as on a rank whose micro-batch has both."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
     from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
@@ -468,18 +470,131 @@ def test_the_blank_image_row_changes_nothing_but_gives_the_vision_tower_a_zero_g
     processor = AutoProcessor.from_pretrained(path)
     rows = [dict(r, image=None) for r in make_counting_dataset(2, seed=5)]
     prompts = [build_prompt(processor, r, Config(model="tiny")) for r in rows]
-    batch = collate(prompts, [[5, 9, 7], [11]], processor.tokenizer.pad_token_id)
+    batch = collate(prompts, [[15, 19, 17], [21]], processor.tokenizer.pad_token_id)  # (no vision token: 3-8)
     assert "pixel_values" not in batch
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     out = []
     for blank in (False, True):
         model.zero_grad(set_to_none=True)
-        logp = completion_logprobs(model, batch, blank_image=blank)
+        logp = completion_logprobs(model, batch, blank_image=blank, blank_video=video)
         (logp * batch["completion_mask"]).sum().backward()
         out.append((logp * batch["completion_mask"],  # (past a completion's end: padding, whatever it reads)
                     {n: p.grad for n, p in model.named_parameters() if ".visual." in f".{n}"}))
+    hook.remove()
+    assert calls == [4, 4] if video else calls == [4], calls
     torch.testing.assert_close(out[1][0], out[0][0], rtol=0, atol=1e-12)
     assert all(g is None for g in out[0][1].values()), "without the row the tower takes no part"
     assert all(g is not None and not g.any() for g in out[1][1].values()), [n for n, g in out[1][1].items()
                                                                          if g is None or g.any()]
     if kind == "qwen3_vl":
         assert any("deepstack_merger" in n for n in out[1][1])
+
+
+def visual_rows(case, seed=6):
+    """Rows of one micro-batch for each case a user's data brings: one image each (and a text-only row), several
+    images a row (2 placed by <image> markers, 3 first, 1, 0: different counts and sizes in one batch), text-only."""
+    from utils import make_counting_dataset
+    images = [r["image"] for r in make_counting_dataset(6, seed=seed)]
+    images[1], images[4] = images[1].resize((84, 56)), images[4].resize((56, 112))
+    if case == "one image":
+        return [{"problem": "How many?", "image": images[0]}, {"problem": "And here?", "image": images[2]},
+                {"problem": "And there?", "image": images[1]}, {"problem": "Two plus two?", "image": None}]
+    if case == "several images":
+        return [{"problem": "Left: <image> right: <image> How many in all?", "image": [images[0], images[1]]},
+                {"problem": "How many in the three?", "image": [images[2], images[3], images[4]]},
+                {"problem": "And here?", "image": [images[5]]}, {"problem": "Two plus two?", "image": []}]
+    if case == "a video":  # 4 frames, 3 (one repeated to pair), 6 thinned to 4; one image beside a video
+        frames = [im.resize((56, 84)) for im in images]
+        return [{"problem": "What moves?", "image": None, "video": frames[:4]},
+                {"problem": "And here?", "image": images[0], "video": [im.resize((84, 56)) for im in images[2:5]]},
+                {"problem": "How many?", "image": images[2]}, {"problem": "Two plus two?", "image": None},
+                {"problem": "What now?", "image": None, "video": frames}]
+    return [{"problem": "Two plus two?", "image": None}, {"problem": "Name a colour.", "image": None}]
+
+
+@pytest.mark.parametrize("case", ["one image", "several images", "a video", "text-only"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_each_kind_of_row_scores_as_the_models_own_forward(tmp_path, kind, case):
+    """What the update runs (collate(share_images=True): each prompt's images once for its G rows; batch_on_device:
+    RoPE positions and the vision tower's inputs from the host) against the model's own forward of the plain
+    batch (every row its own copy of its images, the model computing everything itself): the RoPE positions are
+    equal, and the log-probs and every gradient (float64: the two differ only in how the same sums are
+    batched, ~1e-15 relative) to 1e-9 and 1e-7. A collation that hands a row another prompt's image is caught."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from main import Config
+    from main import load_processor
+    from trainer import batch_on_device, rope_positions
+    from utils import build_prompt, build_tiny_model, collate
+    path = build_tiny_model(str(tmp_path / kind), kind)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
+    cfg = Config(model=path, max_images=3, video_max_frames=4, video_fps=1.0)  # 2 s a frame pair (not 1: the default)
+    processor = load_processor(path, cfg)
+    prompts = [build_prompt(processor, r, cfg) for r in visual_rows(case)]
+    G = 2
+    flat = [p for p in prompts for _ in range(G)]
+    g = torch.Generator().manual_seed(3)
+    completions = [torch.randint(10, 400, (int(n),), generator=g).tolist()  # (no vision token: 3-8)
+                   for n in torch.randint(1, 7, (len(flat),), generator=g)]
+    pad = processor.tokenizer.pad_token_id
+    plain, shared = collate(flat, completions, pad), collate(flat, completions, pad, share_images=True)
+    ready = batch_on_device(model.model, shared, "cpu")
+    mask = plain["completion_mask"]
+    weights = torch.arange(1, len(flat) + 1, dtype=torch.float64)[:, None]  # rows weigh differently
+
+    def logprobs_and_grads(fn, batch):
+        model.zero_grad()
+        logp = fn(model, batch) * mask
+        (logp * weights).sum().backward()
+        return logp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    own = logprobs_and_grads(lambda m, b: naive_logprobs(m, b, 1.0, ()), plain)
+    ours = logprobs_and_grads(completion_logprobs, ready)
+    torch.testing.assert_close(ours[0], own[0], rtol=1e-9, atol=1e-9)
+    assert own[1].keys() == ours[1].keys()
+    for n in own[1]:
+        # Qwen2.5-VL's vision RMSNorm computes in float32 in a float64 model too, forward and backward; the shared
+        # images' gradients are summed before its backward, the plain batch's after: float32's rounding (6e-8)
+        # relative to the tensor's scale, a few times over
+        float32_inside = kind == "qwen2_5_vl" and ".visual." in f".{n}"
+        torch.testing.assert_close(ours[1][n], own[1][n], rtol=1e-7, msg=n,
+                                   atol=4e-7 * own[1][n].abs().max().item() if float32_inside else 1e-9)
+    if case == "text-only":
+        assert "pixel_values" not in plain
+        return
+    inputs = {k: v for k, v in plain.items() if k != "completion_mask"}
+    times = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
+    positions = model.model.compute_3d_position_ids(
+        input_ids=inputs["input_ids"], inputs_embeds=None, video_grid_thw=inputs.get("video_grid_thw"),
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"], past_key_values=None,
+        mm_token_type_ids=inputs["mm_token_type_ids"], **times)
+    assert torch.equal(rope_positions(model.model, inputs), positions) and torch.equal(ready["position_ids"], positions)
+    if case == "a video":
+        assert plain["video_grid_thw"][:, 0].tolist() == [2, 2, 2] * G, "4, 3 (+1) and 6 (thinned) frames: 2 pairs"
+        assert (kind == "qwen2_5_vl") == ("second_per_grid_ts" in plain)
+        assert shared["video_index"].tolist() == [0, 0, 1, 1, 2, 2]
+        assert any(".visual." in f".{n}" for n in own[1])
+        # broken positions: without the videos' grid the model's own function stops; without Qwen2.5-VL's
+        # seconds per frame pair its video positions are spaced as at 1 s
+        with pytest.raises(TypeError):
+            rope_positions(model.model, {k: v for k, v in inputs.items() if k != "video_grid_thw"})
+        if kind == "qwen2_5_vl":
+            assert not torch.equal(rope_positions(model.model, {k: v for k, v in inputs.items()
+                                                                if k != "second_per_grid_ts"}), positions)
+        index = shared["video_index"].clone()  # broken: the first and last prompts' videos (same grid) swapped
+        index[shared["video_index"] == 0], index[shared["video_index"] == 2] = 2, 0
+        with torch.no_grad():
+            wrong = completion_logprobs(model, batch_on_device(model.model, {**shared, "video_index": index}, "cpu"))
+        assert ((wrong * mask - own[0]).abs().max()) > 1e-6
+        return
+    images = [len(p["images"]) for p in flat]
+    assert plain["image_grid_thw"].shape[0] == sum(images) == len(shared["image_index"])
+    assert any(".visual." in f".{n}" for n in own[1])
+    # broken: rows of the first prompt read the second's first image (same grid, so the forward runs) and back
+    index = shared["image_index"].clone()
+    a, b = 0, images[0] * G  # the first prompt's first image, the second prompt's first image
+    assert torch.equal(plain["image_grid_thw"][a], plain["image_grid_thw"][b])
+    ia, ib = int(index[a]), int(index[b])
+    index[shared["image_index"] == ia], index[shared["image_index"] == ib] = ib, ia
+    with torch.no_grad():
+        wrong = completion_logprobs(model, {**batch_on_device(model.model, {**shared, "image_index": index}, "cpu")})
+    assert ((wrong * mask - own[0]).abs().max()) > 1e-6

@@ -25,6 +25,8 @@ BAD_FLAGS = [
     (["--log_completions_steps", "-1"], "--log_completions_steps -1: must be >= 0"),
     (["--eval_steps", "-5"], "--eval_steps -5: must be >= 0"),
     (["--top_p", "0"], "--top_p 0.0: use a value in (0, 1]"),
+    (["--max_images", "0"], "--max_images must be >= 1"),
+    (["--video_fps", "0"], "--video_fps 0.0: frames a second must be > 0"),
     (["--min_pixels", "300000"], "--min_pixels 300000 --max_pixels 200704: need 0 < min_pixels <= max_pixels"),
     # Qwen3-VL's 16-pixel patches: a token is 32x32 (Qwen2-VL's 28x28 fits); before, every image failed to resize
     (["--model", "tiny-qwen3", "--min_pixels", "100", "--max_pixels", "900"],

@@ -30,17 +30,21 @@ def engine(tmp_path_factory, request):
     path = build_tiny_model(str(tmp_path_factory.mktemp("vllm") / "tiny"), kind)
     dtype = torch.bfloat16 if GPU else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to("cuda" if GPU else "cpu")
-    cfg = Config(model=path, max_completion_length=12)
+    cfg = Config(model=path, max_completion_length=12, max_images=2, video_max_frames=4, video_fps=1.0)
     processor = load_processor(path, cfg)  # images within --min/max_pixels, as training resizes them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if layout == "own_gpu" else visible[0],
-                     colocate=layout == "colocate")
+                     colocate=layout == "colocate", videos=True)
     assert (llm.weight_group is not None) == (layout == "own_gpu")  # NCCL exactly where it applies
     assert llm.weight_transfer == {"cpu": "file", "colocate": "ipc", "own_gpu": "nccl"}[layout]
     rows = make_counting_dataset(3, seed=5)
     rows[2]["image"] = None  # a text-only prompt in the same batch
     # a wide image: Qwen3-VL resamples its learned 8x8 position grid to the image's (an 8x8 image would copy it)
     rows[0]["image"] = rows[0]["image"].resize((224, 56))
+    rows.append({"problem": "Left <image>, right <image>: how many in all?", "image": [rows[1]["image"],
+                                                                                    rows[0]["image"]]})  # two images
+    frames = [rows[1]["image"].resize((112, 56)).rotate(90 * i) for i in range(3)]  # 3 frames: the last one repeated
+    rows.append({"problem": "What turns?", "image": rows[1]["image"], "video": frames})  # a video and an image
     prompts = [build_prompt(processor, r, cfg) for r in rows]
     assert prompts[0]["image_grid_thw"][0, 1] < prompts[0]["image_grid_thw"][0, 2], prompts[0]["image_grid_thw"]
     initial = {k: v.clone() for k, v in model.state_dict().items()}
