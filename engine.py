@@ -522,17 +522,29 @@ def stop_vllm(llm):
         os.remove(path)
 
 
-def vllm_prompt(prompt):
+def vllm_prompt(prompt, bare_video=True):
     """The prompt as vLLM takes it: the tokens before the processor's expansion (one placeholder per image or
     video) and the resized images and video frames, already sampled (its metadata gives each frame's time); vLLM
-    expands them itself (vllm_generate checks it comes to our tokens)."""
+    expands them itself (vllm_generate checks it comes to our tokens). bare_video=False (vLLM before the bare
+    video token of transformers >= 5.10: video_placeholder_is_bare): a Qwen3-VL video's placeholder is the whole
+    <|vision_start|><|video_pad|><|vision_end|>, which that vLLM replaces."""
     if not prompt["images"] and prompt.get("video") is None:
         return {"prompt_token_ids": prompt["input_ids"][0].tolist()}
-    data = {"image": prompt["images"]} if prompt["images"] else {}
+    ids, data = prompt["engine_ids"], {"image": prompt["images"]} if prompt["images"] else {}
     if prompt.get("video") is not None:
         frames, metadata = prompt["video"]
         data["video"] = [(frames, {**metadata, "do_sample_frames": False})]
-    return {"prompt_token_ids": prompt["engine_ids"], "multi_modal_data": data}
+        if not bare_video and "video_triple" in prompt:
+            video = prompt["video_triple"][1]
+            ids = [t for i in ids for t in (prompt["video_triple"] if i == video else [i])]
+    return {"prompt_token_ids": ids, "multi_modal_data": data}
+
+
+def video_placeholder_is_bare():
+    """Whether this vLLM replaces Qwen3-VL's bare <|video_pad|> (as transformers >= 5.10's processor does, vLLM
+    0.32) rather than the whole <|vision_start|><|video_pad|><|vision_end|> (vLLM 0.25.1)."""
+    from vllm.model_executor.models import qwen3_vl
+    return hasattr(getattr(qwen3_vl, "Qwen3VLMultiModalProcessor", None), "_expands_only_video_token")
 
 
 def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, background=False, sync_follows=False):
@@ -545,7 +557,8 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
     then drops its weights instead of keeping them in host memory, when every copy carries all of them."""
     import torch.distributed as dist
     # each request with the tokens our processor expanded it to (the check below, for every rank's prompts)
-    requests = [(vllm_prompt(p), p["input_ids"][0].tolist()) for p in prompts]
+    bare = not any("video_triple" in p for p in prompts) or video_placeholder_is_bare()
+    requests = [(vllm_prompt(p, bare), p["input_ids"][0].tolist()) for p in prompts]
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, requests, group=ENGINE["group"])

@@ -492,6 +492,11 @@ def build_prompt(processor, row, cfg):
                 {"role": "user", "content": [{"type": "video"}] * (video is not None) +
                  user_content(row["problem"], len(images))}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    triple = "<|vision_start|><|video_pad|><|vision_end|>"
+    stamps = video is not None and hasattr(processor, "_calculate_timestamps")  # Qwen3-VL: each frame pair's time
+    if stamps:  # the released format is <t seconds><|vision_start|>frame<|vision_end|> per pair in place of the
+        text = text.replace(triple, "<|video_pad|>")  # template's triple; transformers >= 5.10 expands the bare
+        # token only (the pairs would sit inside the template's own start/end), so it gets the bare token
     from transformers.video_utils import VideoMetadata
     videos = {} if video is None else dict(videos=[video[0]], do_sample_frames=False, video_metadata=[
         VideoMetadata(**video[1])])
@@ -499,8 +504,10 @@ def build_prompt(processor, row, cfg):
     n = enc["input_ids"].shape[1]
     if n > cfg.max_prompt_length:  # never truncate: cutting inside the image tokens breaks the model's input
         raise ValueError(f"prompt of {n} tokens is over --max_prompt_length {cfg.max_prompt_length}")
-    return {"text": text, "images": images, "video": video, "engine_ids": processor.tokenizer(text)["input_ids"],
-            **enc}
+    out = {"text": text, "images": images, "video": video, "engine_ids": processor.tokenizer(text)["input_ids"], **enc}
+    if stamps:  # what a vLLM that expands the whole triple gets in place of the bare token (engine.vllm_prompt)
+        out["video_triple"] = processor.tokenizer(triple, add_special_tokens=False)["input_ids"]
+    return out
 
 
 def skip_reason(message):

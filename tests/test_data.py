@@ -931,8 +931,10 @@ def test_a_video_row_comes_first_with_its_frames_times(tmp_path, kind):
     if kind == "qwen2_5_vl":
         assert prompt["second_per_grid_ts"] == [2.0] or torch.equal(torch.as_tensor(prompt["second_per_grid_ts"]),
                                                                      torch.tensor([2.0]))
-    if kind == "qwen3_vl":  # frames 0-1 and 2-3 at 1 fps: their pairs' mid times
-        assert "<0.5 seconds>" in text and "<2.5 seconds>" in text
+    if kind == "qwen3_vl":  # frames 0-1 and 2-3 at 1 fps: their pairs' mid times, in the released format (the
+        # frame pairs in place of the template's <|vision_start|><|video_pad|><|vision_end|>, not inside it)
+        assert "user\n<0.5 seconds><|vision_start|><|video_pad|>" in text and "<2.5 seconds><|vision_start|>" in text
+        assert "<|vision_start|><0.5 seconds>" not in text and "<|vision_end|><|vision_end|>" not in text
 
 
 def test_load_rows_reads_lists_of_images_and_a_video_column(tmp_path):
