@@ -71,6 +71,9 @@ class Config:
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)", "choices": ("all", "language", "mlp")})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA (peft): adapters of this rank on the --lora_targets layers train and the rest stays frozen; the reference is the model without them; vLLM gets the merged weights (0: no LoRA, --trainable says what trains)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA's scale: the adapters add lora_alpha / lora_rank x B A (0: 2 x lora_rank)"})
+    lora_targets: str = field(default="language", metadata={"help": "the layers LoRA adapts: language (the language model's attention and MLP projections), all (the vision blocks' too), or a regex of module names (peft's target_modules)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (compiled at the first step, again at the first padded batch); auto: on GPUs unless under ZeRO-3 (true there is refused)", "choices": ("auto", "true", "false")})
@@ -107,7 +110,7 @@ FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
     "loss and optimisation": ("rewards", "reward_weights", "loss_type", "beta", "epsilon_low", "epsilon_high",
                               "scale_rewards", "mu", "importance_sampling", "importance_sampling_cap",
                               "learning_rate", "weight_decay", "max_grad_norm", "steps", "epochs", "trainable",
-                              "micro_batch_size", "zero_stage", "gradient_checkpointing", "compile",
+                              "lora_rank", "lora_alpha", "lora_targets", "micro_batch_size", "zero_stage", "gradient_checkpointing", "compile",
                               "attn_implementation"),
     "output, checkpoints and logging": ("output_dir", "save_steps", "save_total_limit", "resume", "overwrite",
                                         "eval_steps", "eval_size", "log_completions_steps", "report_to", "verbose",
@@ -188,6 +191,15 @@ def check_config(cfg):
             problems.append(f"--{f.name} {getattr(cfg, f.name)}: give a finite number")
     if cfg.temperature <= 0:
         problems.append("--temperature must be > 0 (the loss divides logits by it)")
+    if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
+        problems.append(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha}: give a rank >= 1 (0: no LoRA) "
+                        "and an alpha >= 0 (0: 2 x rank)")
+    if cfg.lora_rank and cfg.zero_stage == "3":
+        problems.append("--lora_rank with --zero_stage 3: LoRA runs under ZeRO-2 (the adapters' optimizer state is "
+                        "small; each copy to vLLM merges whole base weights); give --zero_stage 2 or auto")
+    if cfg.lora_rank and cfg.trainable != "language":
+        problems.append(f"--trainable {cfg.trainable} with --lora_rank: LoRA trains its adapters only; choose the "
+                        "layers they adapt with --lora_targets (language or all)")
     if cfg.video_fps <= 0:
         problems.append(f"--video_fps {cfg.video_fps}: frames a second must be > 0 (2 is usual)")
     if not 0 < cfg.top_p <= 1:
@@ -478,7 +490,7 @@ def main(cfg):
     # loaded whole before accelerate exists: once it does, transformers would build under DeepSpeed's zero.Init,
     # which broadcasts CPU tensors over NCCL and fails on GPUs; DeepSpeed shards the loaded model in prepare()
     model = load_model(path, cfg)
-    ref_model = load_model(path, cfg) if cfg.beta > 0 else None
+    ref_model = load_model(path, cfg) if cfg.beta > 0 and not cfg.lora_rank else None  # LoRA: the base itself
     accelerator = quietly(make_accelerator, cfg)
     if cfg.debug and accelerator.is_main_process:
         import debugpy
@@ -626,6 +638,8 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     GiB of peak memory). CPU runs keep ZeRO-3."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
+    if cfg.lora_rank:  # the base is frozen and whole on each rank (check_flags refuses ZeRO-3 with LoRA)
+        return 2
     if resumed_stage:  # the checkpoint's DeepSpeed shards are of the stage it was written with
         return resumed_stage
     if accelerator.device.type != "cuda":
@@ -678,7 +692,13 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
         if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
             ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
     processor = load_processor(path, cfg)
-    set_trainable(model, cfg.trainable)
+    if cfg.lora_rank:
+        try:
+            trainer.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        except ValueError as e:
+            user_error(str(e))
+    else:
+        set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -704,6 +724,8 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
     if ref_model is not None:
         ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
+    elif cfg.lora_rank and cfg.beta > 0:
+        ref_model = trainer.without_adapters(policy, model)
     return policy, ref_model, optimizer, processor, suppressed
 
 
@@ -872,7 +894,7 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
     for _, p in model.named_parameters(remove_duplicate=False):
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
     llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos), owner)
-    sync = make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), cfg.vllm_sync_bucket_mb,
+    sync = make_weight_sync(llm, lambda: trainer.hf_weights(model), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:

@@ -730,6 +730,78 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# LoRA (peft): adapters injected into the Hugging Face model in place, so everything else sees the same model.
+
+LORA_TARGETS = {  # module names (peft's target_modules: a regex matched whole) of each --lora_targets choice
+    "language": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "all": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|"
+           r"visual\.blocks.*\.(qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))"}
+
+
+def add_lora(model, rank, alpha, targets):
+    """LoRA adapters of `rank` on the `targets` linear layers (a LORA_TARGETS key or a regex), scaled by alpha /
+    rank (alpha 0: 2 x rank); they alone train (B starts at zero: the model starts as the base). Returns the
+    peft LoraConfig (saved with the adapter)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS.get(targets, targets))
+    inject_adapter_in_model(config, model)  # freezes everything but the adapters
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"--lora_targets {targets!r} matches no linear layer of this model")
+    return config
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Context: the model without its adapters: the base weights, which a LoRA run's KL term compares against
+    (the reference model, with no second copy in memory)."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def without_adapters(policy, model):
+    """A LoRA run's reference: the policy's own forward (a call of its engine, as update_policy's every forward)
+    with the adapters of `model`, the Hugging Face model inside, disabled."""
+    def forward(batch):
+        with adapters_disabled(model):
+            return policy(batch)
+    return forward
+
+
+def hf_weights(model):
+    """(name, tensor) of the Hugging Face model as its own files name them: each LoRA layer's base weight with its
+    adapter merged in (W + alpha / r x B A, as trainable: it changes with every step), the adapters themselves left
+    out; without adapters, model.named_parameters(remove_duplicate=False). What vLLM and a saved model get."""
+    lora = dict(lora_layers(model))
+    if not lora:
+        return list(model.named_parameters(remove_duplicate=False))
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue
+        if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in lora:
+            layer = lora[owner.removesuffix(".base_layer")]
+            if leaf == "weight":
+                with torch.no_grad():
+                    p = (p + layer.get_delta_weight(layer.active_adapters[0]).to(p.dtype)).requires_grad_(True)
+            name = f"{owner.removesuffix('.base_layer')}.{leaf}"
+        out.append((name, p))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Helpers the loop needs.
 
 def model_eos_ids(model, tok):
@@ -762,9 +834,21 @@ def writes_checkpoints(accelerator):
 
 def save_model(model, processor, accelerator, path):
     """save_pretrained of the Hugging Face model inside `model` (ZeRO-3 shards gathered) + processor: loadable by
-    transformers and vLLM."""
+    transformers and vLLM. With LoRA: the model with its adapters merged (hf_weights), and the adapter alone in
+    path/adapter/ (peft's files: PeftModel.from_pretrained(base, path/adapter))."""
     hf = accelerator.unwrap_model(model).model
-    if OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
+    if lora_layers(hf):  # (ZeRO-2: the tensors are whole on every rank)
+        copies = {}  # tied weights stay one tensor under both names
+        state = {n: copies.setdefault(id(t), t.detach().to("cpu", copy=True)) for n, t in hf_weights(hf)} \
+            if writes_checkpoints(accelerator) else {}
+        if writes_checkpoints(accelerator):
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+            hf.peft_config["default"].save_pretrained(os.path.join(path, "adapter"))
+            save_file({f"base_model.model.{k}": v.detach().cpu().contiguous()  # (PeftModel's names)
+                       for k, v in get_peft_model_state_dict(hf).items()},
+                      os.path.join(path, "adapter", "adapter_model.safetensors"))
+    elif OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
         state = {}
         writer = writes_checkpoints(accelerator)
         for _, group in weight_groups(list(hf.named_parameters())):

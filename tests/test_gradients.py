@@ -34,14 +34,21 @@ def naive_logps(model, prompt, completion, temperature, suppressed):
 
 
 def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=0.2, max_grad_norm=0.0, lr=LR,
-               tis_cap=None):
+               tis_cap=None, lora=False):
     """The weights after `step` done by hand, starting from the checkpoint before it. tis_cap: each token's
-    policy-gradient term weighs min(p_old / p_sampler, tis_cap), p_sampler from the rollout engine's log-probs."""
+    policy-gradient term weighs min(p_old / p_sampler, tis_cap), p_sampler from the rollout engine's log-probs.
+    lora: the model is peft's own PeftModel of the base and the checkpoint's adapter (its trainable parameters
+    the adapters); the reference is the base."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import run_with_reward
     from utils import cut_at_eos, vision_token_ids
     start = os.path.join(out, f"checkpoint-{step - 1}")
-    model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32)
+    if lora:
+        from peft import PeftModel
+        base = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "base_model"), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, os.path.join(start, "adapter"), is_trainable=True)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(start, dtype=torch.float32)
     ref = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "base_model"), dtype=torch.float32) if beta else None
     tok = AutoProcessor.from_pretrained(start).tokenizer
     eos = set(model.generation_config.eos_token_id) | {tok.eos_token_id}
@@ -60,7 +67,7 @@ def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=
     with torch.no_grad():
         old = [naive_logps(model, p, c, temperature, suppressed) for p, c in seqs]
         refs = [naive_logps(ref, p, c, temperature, suppressed) for p, c in seqs] if beta else None
-    params = [p for p in model.parameters()]
+    params = [p for p in model.parameters() if p.requires_grad]
     # each tensor's sum over sequences (and iterations) of the norms of their gradients: the size of the terms
     # before the group advantages (which sum to zero) cancel most of them: what float32 round-off is relative to
     magnitude = {n: 0.0 for n, _ in model.named_parameters()}
@@ -338,3 +345,29 @@ def test_bf16_zero_adds_the_micro_batches_and_ranks_gradients_in_float32(tmp_pat
     # float32: 16 additions, 16 u = 1e-6 of the sum at most, and the master weights' rounding when the step is
     # applied, u |w| / |update| = 6e-8 / 0.05 = 1.2e-6 (measured: 4.7e-7 to 4.9e-7)
     assert rel < 3e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_lora_step_equals_the_naive_peft_step(tmp_path, processes):
+    """--lora_rank 4 --lora_targets all (the vision blocks' too), beta 0.1: step 2 moves the adapters as peft's own
+    PeftModel (the base and checkpoint-1's adapter) does under the naive loss and the same SGD update, the KL
+    against the base (adapters off) included; on one process without DeepSpeed and on 2 ZeRO-2 processes.
+    Tolerance as assert_update_is_the_full_batch_gradient's (float32, the same sums)."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "run")
+    grad_check(out, processes, "grpo", 1, 0.1, ["--rollout", "hf", "--lora_rank", "4", "--lora_targets", "all",
+                                                "--trainable", "language"])
+    before, after = (load_file(os.path.join(out, c, "adapter", "adapter_model.safetensors"))
+                     for c in ("checkpoint-1", "checkpoint-2"))
+    naive, n_seq, magnitude = naive_step(out, 2, "grpo", 1, 0.1, 8, 4, lora=True)
+    assert n_seq == 16
+    want = {k.replace(".default.", "."): v.detach() for k, v in naive.items() if ".lora_" in k}  # peft's file names
+    assert sorted(want) == sorted(after) and any(".visual." in k for k in after), (sorted(want)[:3], sorted(after)[:3])
+    got = torch.cat([(after[k] - before[k]).flatten() for k in sorted(after)]).double()
+    moved = torch.cat([(want[k] - before[k]).flatten() for k in sorted(after)]).double()
+    assert moved.norm() > 1e-4 and all(before[k].abs().sum() > 0 for k in before if "lora_B" in k), \
+        "B moved at step 1: step 2 trains A and B"
+    rel = ((got - moved).norm() / moved.norm()).item()
+    print(f"LoRA step 2 on {processes} process(es): relative error {rel:.3g}")
+    assert rel < 1e-5, rel

@@ -109,6 +109,50 @@ def test_weight_copy_is_exact_vision_tower_included(engine):
         assert after < 0.02, (part, after)
 
 
+def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
+    """--lora_rank: vLLM gets each adapted layer's base weight with its adapter merged in (trainer.hf_weights,
+    vision blocks included): after the copy the sampler and the trainer agree; when training moves the adapters
+    and one adapted layer goes over with its base weight only, its adapter is lost and the log-probs show it."""
+    import copy
+    import trainer
+    from engine import make_weight_sync
+    model = engine["model"]
+    model.load_state_dict(engine["initial"])
+    lora = copy.deepcopy(model)
+    trainer.add_lora(lora, 4, 0, "all")
+    assert any(n.startswith("model.visual.blocks") for n, _ in trainer.lora_layers(lora))
+
+    def train(seed):  # stands in for training: every adapter moves (B leaves zero)
+        g = torch.Generator(device=lora.device).manual_seed(seed)
+        with torch.no_grad():
+            for n, p in lora.named_parameters():
+                if ".lora_" in n:
+                    p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.3)
+    unmerged = set()
+    layer = "model.language_model.layers.1.mlp.down_proj"
+
+    def named():
+        own = dict(lora.named_parameters())
+        return [(n, own[f"{layer}.base_layer.weight"].detach().clone().requires_grad_(True)
+                 if n in unmerged else p) for n, p in trainer.hf_weights(lora)]
+    sync = make_weight_sync(engine["llm"], named, dtype=engine["dtype"])
+    train(1)
+    sync()
+    e = dict(engine, model=lora)
+    assert parity(e) < 0.02, parity(e)
+    train(2)
+    stale = parity(e)
+    assert stale > 0.05, f"moving the adapters must show before the copy ({stale})"
+    unmerged.add(f"{layer}.weight")
+    sync()
+    lost = parity(e)
+    unmerged.clear()
+    sync()
+    after = parity(e)
+    print(f"LoRA parity: after the copy {after:.4f}, stale adapters {stale:.4f}, one layer unmerged {lost:.4f}")
+    assert after < 0.02 < lost, (after, lost)
+
+
 @pytest.mark.parametrize("kind,left_out", [("qwen2_vl", "model.visual.blocks.0.mlp.fc1.weight"),
                                            ("qwen2_vl", "model.language_model.layers.1.self_attn.q_proj.weight"),
                                            ("qwen2_vl", "lm_head.weight"),
