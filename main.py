@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -44,7 +45,7 @@ class Config:
     video_column: str = field(default="video", metadata={"help": "dataset column holding a video: a file (path or URL) or a list of frames (images); it comes before the question; none: no videos"})
     video_fps: float = field(default=2.0, metadata={"help": "frames a second taken from a video file; a list of frames is taken as sampled at this rate (Qwen2.5-VL and Qwen3-VL place frames by their time)"})
     video_max_frames: int = field(default=16, metadata={"help": "at most this many frames a video, evenly spaced"})
-    video_max_pixels: int = field(default=0, metadata={"help": "each frame resized to at most this many pixels (0: --max_pixels)"})
+    video_max_pixels: int = field(default=0, metadata={"help": "each frame resized to at most this many pixels (0 or more: --max_pixels); Qwen3-VL's processor also bounds a video's frames together by --max_pixels"})
     max_images: int = field(default=1, metadata={"help": "most images a row may hold (rows with more are skipped and counted); vLLM reserves room for this many a prompt"})
     output_dir: str = field(default="outputs/run", metadata={"help": "metrics.jsonl, completions.jsonl, curves.png, checkpoints, final/"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, sampling, tiny model weights)"})
@@ -200,6 +201,9 @@ def check_config(cfg):
     if cfg.lora_rank and cfg.trainable != "language":
         problems.append(f"--trainable {cfg.trainable} with --lora_rank: LoRA trains its adapters only; choose the "
                         "layers they adapt with --lora_targets (language or all)")
+    if cfg.video_max_pixels and not cfg.min_pixels <= cfg.video_max_pixels:
+        problems.append(f"--video_max_pixels {cfg.video_max_pixels} is under --min_pixels {cfg.min_pixels}: raise "
+                        "it (or 0: --max_pixels)")
     if cfg.video_fps <= 0:
         problems.append(f"--video_fps {cfg.video_fps}: frames a second must be > 0 (2 is usual)")
     if not 0 < cfg.top_p <= 1:
@@ -509,7 +513,7 @@ def main(cfg):
                              "checkpoint the others have): give every node the same --resume checkpoint")
     set_seed(cfg.seed, device_specific=True)  # each rank samples its own completions (hf rollouts)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    videos = getattr(rows, "video_column", None) is not None  # the data has a video column
+    videos = any(getattr(r, "video_column", None) for r in (rows, eval_rows))  # the data has a video column
     policy, ref_model, optimizer, processor, suppressed = prepare_training(cfg, path, accelerator, model, ref_model,
                                                                            saved.get("zero_stage"), videos)
     ds_plugin = accelerator.state.deepspeed_plugin
@@ -695,8 +699,8 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     if cfg.lora_rank:
         try:
             trainer.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        except ValueError as e:
-            user_error(str(e))
+        except (ValueError, re.error) as e:  # (no layer matched; a regex that does not parse)
+            user_error(f"--lora_targets {cfg.lora_targets!r}: {e}" if isinstance(e, re.error) else str(e))
     else:
         set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
@@ -894,7 +898,7 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
     for _, p in model.named_parameters(remove_duplicate=False):
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
     llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos), owner)
-    sync = make_weight_sync(llm, lambda: trainer.hf_weights(model), cfg.vllm_sync_bucket_mb,
+    sync = make_weight_sync(llm, lambda: trainer.hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:

@@ -779,10 +779,13 @@ def without_adapters(policy, model):
     return forward
 
 
-def hf_weights(model):
+def hf_weights(model, merge=True):
     """(name, tensor) of the Hugging Face model as its own files name them: each LoRA layer's base weight with its
-    adapter merged in (W + alpha / r x B A, as trainable: it changes with every step), the adapters themselves left
-    out; without adapters, model.named_parameters(remove_duplicate=False). What vLLM and a saved model get."""
+    adapter merged in (W + alpha / r x B A, summed in float32 and rounded once to the weight's dtype; as trainable:
+    it changes with every step), the adapters themselves left out; without adapters,
+    model.named_parameters(remove_duplicate=False). What vLLM and a saved model get. merge=False (a rank that
+    sends nothing): the base weights under those names, no merged copies made. In bf16 a merged weight keeps
+    only what of the adapter's change is over its rounding (2^-9 of the weight): README, LoRA."""
     lora = dict(lora_layers(model))
     if not lora:
         return list(model.named_parameters(remove_duplicate=False))
@@ -793,9 +796,12 @@ def hf_weights(model):
             continue
         if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in lora:
             layer = lora[owner.removesuffix(".base_layer")]
-            if leaf == "weight":
+            if leaf == "weight" and merge:
                 with torch.no_grad():
-                    p = (p + layer.get_delta_weight(layer.active_adapters[0]).to(p.dtype)).requires_grad_(True)
+                    delta = layer.get_delta_weight(layer.active_adapters[0]).float()
+                    p = (p.float() + delta).to(p.dtype).requires_grad_(True)
+            elif leaf == "weight":
+                p = p.detach().requires_grad_(True)  # (a view: no copy)
             name = f"{owner.removesuffix('.base_layer')}.{leaf}"
         out.append((name, p))
     return out

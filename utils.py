@@ -254,10 +254,13 @@ def load_video(value, cfg, patch=14):
     """A video as (frames: uint8 array (T, H, W, 3), metadata: {fps, frames_indices, total_num_frames}) from a file
     (path or URL, read with transformers' PyAV reader at --video_fps) or a list of frames (anything load_image
     reads, taken as sampled at --video_fps); at most --video_max_frames, evenly spaced, an even count (the towers
-    pack frames in pairs: an odd one's last frame is repeated, as qwen-vl-utils does). Each frame is resized as
-    an image, to at most --video_max_pixels. The metadata gives Qwen2.5-VL and Qwen3-VL each frame's time.
+    pack frames in pairs: of an odd count the last is dropped, a single frame doubled). Each frame is resized as
+    an image, to at most --video_max_pixels (and --max_pixels). The metadata gives Qwen2.5-VL and Qwen3-VL each
+    frame's time.
     Raises ValueError ('unreadable video (...)')."""
-    max_pixels = cfg.video_max_pixels or cfg.max_pixels
+    max_pixels = min(cfg.video_max_pixels or cfg.max_pixels, cfg.max_pixels)
+    if isinstance(value, dict):  # datasets' Video feature, undecoded
+        value = value.get("path") or value
     if isinstance(value, (list, tuple)):
         if not value:
             raise ValueError("unreadable video (an empty list of frames)")
@@ -289,8 +292,9 @@ def load_video(value, cfg, patch=14):
             raise ValueError(f"unreadable video (frame {keep[i]}: {e})") from e
     if len({f.size for f in frames}) > 1:
         raise ValueError(f"unreadable video (frames of different sizes: {sorted({f.size for f in frames})[:2]})")
-    if len(frames) % 2:
-        frames, keep = frames + frames[-1:], keep + keep[-1:]
+    if len(frames) % 2:  # one frame is doubled; of an odd count the last is dropped (the count stays within
+        frames, keep = (frames * 2, keep * 2) if len(frames) == 1 else (frames[:-1], keep[:-1])  # the cap, the
+        # frames' times true)
     return np.stack([np.asarray(f) for f in frames]), {"fps": fps, "frames_indices": keep, "total_num_frames": total}
 
 
@@ -339,7 +343,8 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     if image_column == "none":  # text-only by the user's choice
         image_column = None
     elif image_column not in ds.column_names:
-        others = [c for c in ds.column_names if c not in (question_column, solution_column)]
+        others = [c for c in ds.column_names if c not in (question_column, solution_column, video_column)
+                  and not isinstance(ds.features[c], datasets.Video)]  # (videos are not images; never decoded)
         stored = [c for c in others if isinstance(ds.features[c], datasets.Image) or
                   isinstance(getattr(ds.features[c], "feature", None), datasets.Image)]
         plain = [c for c in others if c not in stored]
@@ -360,6 +365,8 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
                          "completions by: rename that column")
     if len(ds) == 0:
         raise ValueError(f"--dataset {name} split '{split}' is empty: point --dataset at data with rows")
+    if video_column and isinstance(ds.features[video_column], datasets.Video):  # stored videos: their files,
+        ds = ds.cast_column(video_column, datasets.Video(decode=False))  # read by load_video when used
     feature = ds.features.get(image_column)
     if isinstance(feature, datasets.Image):  # stored images: bytes, decoded when used
         ds = ds.cast_column(image_column, datasets.Image(decode=False))

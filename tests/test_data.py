@@ -862,11 +862,12 @@ def write_video(path, n=10, fps=5, size=(64, 48)):
     return str(path)
 
 
-@pytest.mark.parametrize("n,max_frames,kept", [(6, 4, [0, 2, 3, 5]), (3, 16, [0, 1, 2, 2]), (1, 16, [0, 0]),
-                                               (8, 8, list(range(8)))])
+@pytest.mark.parametrize("n,max_frames,kept", [(6, 4, [0, 2, 3, 5]), (3, 16, [0, 1]), (1, 16, [0, 0]),
+                                               (8, 8, list(range(8))), (9, 5, [0, 2, 4, 6])])
 def test_a_list_of_frames_is_thinned_evenly_to_an_even_count(n, max_frames, kept):
-    """Frames taken as sampled at --video_fps; at most --video_max_frames, evenly spaced; an odd count's last
-    frame repeated (the towers take frames in pairs); each frame resized as an image."""
+    """Frames taken as sampled at --video_fps; at most --video_max_frames, evenly spaced; of an odd count the
+    last dropped (the towers take frames in pairs: the cap holds and the frames' times stay true), a single frame
+    doubled; each frame resized as an image."""
     frames = [noise_image(60, 90, 40 + i) for i in range(n)]
     array, metadata = utils.load_video(frames, cfg(video_max_frames=max_frames, video_fps=3.0))
     assert metadata == {"fps": 3.0, "frames_indices": kept, "total_num_frames": n}
@@ -950,3 +951,7 @@ def test_load_rows_reads_lists_of_images_and_a_video_column(tmp_path):
     assert "video" not in utils.load_rows(str(path), "train", "problem", "solution", "image")[0]
     with pytest.raises(ValueError, match="no column 'clip'.*--video_column"):
         utils.load_rows(str(path), "train", "problem", "solution", "image", video_column="clip")
+    write_jsonl(path, [{"problem": "what moves?", "solution": "2", "video": ["a.png", "b.png"]}])  # videos only:
+    with pytest.warns(UserWarning, match="no image column"):  # not taken for an image column
+        rows = utils.load_rows(str(path), "train", "problem", "solution", "image")
+    assert rows[0]["image"] is None and rows[0]["video"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]

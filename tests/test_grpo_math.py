@@ -504,7 +504,7 @@ def visual_rows(case, seed=6):
         return [{"problem": "Left: <image> right: <image> How many in all?", "image": [images[0], images[1]]},
                 {"problem": "How many in the three?", "image": [images[2], images[3], images[4]]},
                 {"problem": "And here?", "image": [images[5]]}, {"problem": "Two plus two?", "image": []}]
-    if case == "a video":  # 4 frames, 3 (one repeated to pair), 6 thinned to 4; one image beside a video
+    if case == "a video":  # 4 frames, 3 (the last dropped: a pair), 6 thinned to 4; one image beside a video
         frames = [im.resize((56, 84)) for im in images]
         return [{"problem": "What moves?", "image": None, "video": frames[:4]},
                 {"problem": "And here?", "image": images[0], "video": [im.resize((84, 56)) for im in images[2:5]]},
@@ -569,7 +569,8 @@ def test_each_kind_of_row_scores_as_the_models_own_forward(tmp_path, kind, case)
         mm_token_type_ids=inputs["mm_token_type_ids"], **times)
     assert torch.equal(rope_positions(model.model, inputs), positions) and torch.equal(ready["position_ids"], positions)
     if case == "a video":
-        assert plain["video_grid_thw"][:, 0].tolist() == [2, 2, 2] * G, "4, 3 (+1) and 6 (thinned) frames: 2 pairs"
+        assert plain["video_grid_thw"][:, 0].tolist() == [t for t in (2, 1, 2) for _ in range(G)], \
+            "4, 3 (the last dropped) and 6 (thinned to 4) frames: 2, 1 and 2 pairs"
         assert (kind == "qwen2_5_vl") == ("second_per_grid_ts" in plain)
         assert shared["video_index"].tolist() == [0, 0, 1, 1, 2, 2]
         assert any(".visual." in f".{n}" for n in own[1])
