@@ -195,6 +195,11 @@ def check_config(cfg):
     if cfg.lora_rank < 0 or cfg.lora_alpha < 0:
         problems.append(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha}: give a rank >= 1 (0: no LoRA) "
                         "and an alpha >= 0 (0: 2 x rank)")
+    try:
+        re.compile(trainer.LORA_TARGETS.get(cfg.lora_targets, cfg.lora_targets))
+    except re.error as e:
+        problems.append(f"--lora_targets {cfg.lora_targets!r}: not a regex ({e}); give language, all, or a regex of "
+                        "module names")
     if cfg.lora_rank and cfg.zero_stage == "3":
         problems.append("--lora_rank with --zero_stage 3: LoRA runs under ZeRO-2 (the adapters' optimizer state is "
                         "small; each copy to vLLM merges whole base weights); give --zero_stage 2 or auto")
@@ -699,8 +704,8 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     if cfg.lora_rank:
         try:
             trainer.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        except (ValueError, re.error) as e:  # (no layer matched; a regex that does not parse)
-            user_error(f"--lora_targets {cfg.lora_targets!r}: {e}" if isinstance(e, re.error) else str(e))
+        except ValueError as e:  # (no layer matched)
+            user_error(f"--lora_targets {cfg.lora_targets!r}: {e} (language, all, or a regex of module names)")
     else:
         set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:

@@ -745,9 +745,12 @@ def add_lora(model, rank, alpha, targets):
     from peft import LoraConfig, inject_adapter_in_model
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
                         target_modules=LORA_TARGETS.get(targets, targets))
-    inject_adapter_in_model(config, model)  # freezes everything but the adapters
+    try:
+        inject_adapter_in_model(config, model)  # freezes everything but the adapters
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise ValueError("it matches no linear layer of this model") from e
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"--lora_targets {targets!r} matches no linear layer of this model")
+        raise ValueError("it matches no linear layer of this model")
     return config
 
 

@@ -29,6 +29,7 @@ BAD_FLAGS = [
     (["--lora_rank", "8", "--zero_stage", "3"], "--lora_rank with --zero_stage 3: LoRA runs under ZeRO-2"),
     (["--lora_rank", "8", "--trainable", "all"], "--trainable all with --lora_rank: LoRA trains its adapters only"),
     (["--lora_rank", "-1"], "--lora_rank -1 --lora_alpha 0.0: give a rank >= 1"),
+    (["--lora_rank", "4", "--lora_targets", "(q_proj"], "--lora_targets '(q_proj': not a regex"),
     (["--video_fps", "0"], "--video_fps 0.0: frames a second must be > 0"),
     (["--min_pixels", "300000"], "--min_pixels 300000 --max_pixels 200704: need 0 < min_pixels <= max_pixels"),
     # Qwen3-VL's 16-pixel patches: a token is 32x32 (Qwen2-VL's 28x28 fits); before, every image failed to resize
