@@ -25,11 +25,14 @@ import torch
 import trainer
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
-from utils import (DataError, PromptSampler, accuracy_reward, build_tiny_model, counted, format_reward, load_rows,
-                   number_reward, tiny_processor, vision_token_ids, write_jsonl, write_report)
+from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
+                     overlong_reward)
+from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, vision_token_ids,
+                   write_jsonl, write_report)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward}
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward, "iou": iou_reward,
+           "boxes": boxes_reward, "box_f1": box_f1_reward, "overlong": overlong_reward}
 TINY = {"tiny": "qwen2_vl", "tiny-qwen2.5": "qwen2_5_vl", "tiny-qwen3": "qwen3_vl"}
 FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}  # model_type: name
 
@@ -37,7 +40,7 @@ FAMILIES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwe
 @dataclass
 class Config:
     model: str = field(default="Qwen/Qwen2-VL-2B-Instruct", metadata={"help": "hub name or local path of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model; 'tiny', 'tiny-qwen2.5' or 'tiny-qwen3' build a random tiny one offline"})
-    dataset: str = field(default="counting", metadata={"help": "'counting' (built-in synthetic images), a local .json/.jsonl/.parquet file, or a hub dataset name"})
+    dataset: str = field(default="counting", metadata={"help": "'counting' or 'grounding' (built-in synthetic images; grounding: --rewards iou,format), a local .json/.jsonl/.parquet file, or a hub dataset name"})
     eval_dataset: str = field(default="", metadata={"help": "held-out data for eval_accuracy, same format (default: the built-in test split, a hub dataset's 'test' split, or eval_size rows, at most a fifth, held out of --dataset and never trained on)"})
     question_column: str = field(default="problem", metadata={"help": "dataset column holding the question text"})
     solution_column: str = field(default="solution", metadata={"help": "dataset column holding the reference answer"})
@@ -62,11 +65,17 @@ class Config:
     epsilon_high: float = field(default=0.2, metadata={"help": "clip the ratio above at 1 + epsilon_high (DAPO uses 0.28)"})
     beta: float = field(default=0.04, metadata={"help": "KL weight against the frozen reference model; 0 loads no reference model"})
     loss_type: str = field(default="grpo", metadata={"help": "loss aggregation: grpo (per-sequence mean), dapo (token-level), dr_grpo (sum / (sequences x max length))", "choices": ("grpo", "dapo", "dr_grpo")})
+    importance_sampling_level: str = field(default="token", metadata={"help": "the clipped objective's ratio p / p_old: token (each token's own), sequence (GSPO: one per sequence, exp of the mean of its tokens' log-ratios, on each of its tokens)", "choices": ("token", "sequence")})
+    kl_estimator: str = field(default="k3", metadata={"help": "the per-token KL estimate --beta weighs, d = log p_ref - log p: k1 (-d), k2 (d^2 / 2), k3 (e^d - d - 1), k3+ (k3's value with k2's gradient, as verl's)", "choices": ("k1", "k2", "k3", "k3+")})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "completions cut at --max_completion_length (no EOS) leave the loss: no gradient, not in dapo's token count (grpo and dr_grpo still count them as sequences)"})
+    dynamic_sampling: bool = field(default=False, metadata={"help": "DAPO's dynamic sampling: groups whose rewards are all equal (no gradient) are dropped and more prompts drawn, up to --dynamic_sampling_tries more rollouts a step; what is still missing is filled with dropped groups"})
+    dynamic_sampling_tries: int = field(default=4, metadata={"help": "most extra rollouts a step --dynamic_sampling draws"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide advantages by the group's reward std (false for Dr. GRPO)"})
     rewards: str = field(default="accuracy,format", metadata={"help": f"comma-separated reward names from REWARDS in main.py ({', '.join(REWARDS)})"})
     reward_weights: str = field(default="", metadata={"help": "comma-separated weights, one per reward (empty: each 1)"})
     max_prompt_length: int = field(default=1024, metadata={"help": "prompts longer than this (image tokens included) are skipped and counted"})
     max_completion_length: int = field(default=512, metadata={"help": "new tokens per completion"})
+    overlong_buffer: int = field(default=0, metadata={"help": "the overlong reward (DAPO's soft overlong penalty) falls from 0 to -1 over the last this many tokens before --max_completion_length (0: a fifth of it)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss scores at the same temperature)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling (the loss scores the same truncated distribution)"})
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
@@ -91,8 +100,9 @@ class Config:
     vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file", "choices": ("auto", "nccl", "ipc", "file")})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
     overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)", "choices": ("auto", "true", "false")})
-    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap", "choices": ("auto", "true", "false")})
+    importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap) (--importance_sampling_mode: other weights), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap", "choices": ("auto", "true", "false")})
     importance_sampling_cap: float = field(default=2.0, metadata={"help": "the cap of --importance_sampling's weight"})
+    importance_sampling_mode: str = field(default="token_truncate", metadata={"help": "--importance_sampling's weight: token_* each token's ratio p_old / p_sampler, sequence_* its sequence's (the product over its tokens); *_truncate min(ratio, cap), *_mask the ratio, or 0 above the cap", "choices": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")})
     log_completions_steps: int = field(default=10, metadata={"help": "write sample completions to completions.jsonl every N steps"})
     report_to: str = field(default="none", metadata={"help": "where metrics go besides metrics.jsonl and report.html", "choices": ("none", "wandb", "tensorboard")})
     strict: bool = field(default=False, metadata={"help": "stop at the first unusable row (unreadable image, prompt too long) instead of skipping it"})
@@ -108,9 +118,11 @@ FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
     "rollout": ("num_generations", "prompts_per_step", "max_completion_length", "temperature", "top_p", "rollout",
                 "overlap", "vllm_gpu_memory_utilization", "vllm_sync_bucket_mb", "vllm_weight_transfer",
                 "vllm_enforce_eager"),
-    "loss and optimisation": ("rewards", "reward_weights", "loss_type", "beta", "epsilon_low", "epsilon_high",
+    "loss and optimisation": ("rewards", "reward_weights", "overlong_buffer", "dynamic_sampling", "dynamic_sampling_tries", "loss_type", "beta", "epsilon_low", "epsilon_high",
+                              "importance_sampling_level", "kl_estimator", "mask_truncated_completions",
                               "scale_rewards", "mu", "importance_sampling", "importance_sampling_cap",
-                              "learning_rate", "weight_decay", "max_grad_norm", "steps", "epochs", "trainable",
+                              "importance_sampling_mode", "learning_rate", "weight_decay", "max_grad_norm", "steps",
+                              "epochs", "trainable",
                               "lora_rank", "lora_alpha", "lora_targets", "micro_batch_size", "zero_stage", "gradient_checkpointing", "compile",
                               "attn_implementation"),
     "output, checkpoints and logging": ("output_dir", "save_steps", "save_total_limit", "resume", "overwrite",
@@ -162,6 +174,12 @@ def check_config(cfg):
     unknown = [r for r in names if r not in REWARDS]
     if unknown or not cfg.rewards:
         problems.append(f"--rewards {cfg.rewards!r}: unknown {unknown}; choose from {list(REWARDS)} or add yours to REWARDS in main.py")
+    if cfg.dataset == "grounding" and not any(getattr(REWARDS.get(r), "reads_boxes", False) for r in names):
+        problems.append(f"--dataset grounding answers with boxes, and --rewards {cfg.rewards!r} reads none: use "
+                        "--rewards iou,format (or boxes, box_f1)")
+    if not 0 <= cfg.overlong_buffer < cfg.max_completion_length:
+        problems.append(f"--overlong_buffer {cfg.overlong_buffer}: tokens before --max_completion_length "
+                        f"{cfg.max_completion_length} where the overlong reward falls; 0 <= it < that (0: a fifth)")
     twice = sorted({r for r in names if names.count(r) > 1})
     if twice:
         problems.append(f"--rewards {cfg.rewards!r} names {twice} twice: give each reward once (weight it with --reward_weights)")
@@ -222,6 +240,11 @@ def check_config(cfg):
                         "graphs); give --zero_stage 2 or --compile auto")
     if not cfg.importance_sampling_cap >= 1:
         problems.append(f"--importance_sampling_cap {cfg.importance_sampling_cap}: use a cap >= 1 (2 is usual)")
+    if cfg.overlap == "true" and cfg.dynamic_sampling:
+        problems.append("--dynamic_sampling draws more rollouts within a step, and --overlap true has the engine "
+                        "busy with the next step's: give one (--overlap auto turns off with --dynamic_sampling)")
+    if cfg.dynamic_sampling_tries < 0:
+        problems.append(f"--dynamic_sampling_tries {cfg.dynamic_sampling_tries}: must be >= 0")
     if cfg.overlap == "true" and cfg.rollout == "hf":
         problems.append("--overlap true needs vLLM rollouts (transformers' generate runs on the training model): "
                         "drop --rollout hf or --overlap")
@@ -273,7 +296,10 @@ RUN_OUTPUTS = ("config.json", "run.json", "metrics.jsonl", "completions.jsonl", 
                "curves.png", "report.html", "prompt_images", "final", "final.tmp")  # and checkpoint-*
 # what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
 STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
-BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0}
+BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0,
+                      "importance_sampling_level": "token", "kl_estimator": "k3", "mask_truncated_completions": False,
+                      "importance_sampling_mode": "token_truncate", "overlong_buffer": 0,
+                      "dynamic_sampling": False, "dynamic_sampling_tries": 4}
 # flags that change nothing in the math of a run: a resumed run may change them
 # (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
@@ -317,6 +343,7 @@ def check_data(cfg, rows, eval_rows, sample=32):
         user_error(f"--max_pixels {cfg.max_pixels} is under one visual token of {cfg.model} ({token} pixels, "
                    f"{int(token ** 0.5)}x{int(token ** 0.5)}): raise it, e.g. to 200704")
     readers = [REWARDS[r] for r in cfg.rewards.split(",") if "solution" in inspect.signature(REWARDS[r]).parameters]
+    boxes = bool(readers) and all(getattr(f, "reads_boxes", False) for f in readers)
     columns = {"problem": cfg.question_column, "image": cfg.image_column}
     for name, data, scored, lists_ok in (
             (f"--dataset {cfg.dataset}", rows, bool(readers), all(getattr(f, "takes_answer_lists", 0) for f in readers)),
@@ -325,7 +352,7 @@ def check_data(cfg, rows, eval_rows, sample=32):
         unprompted, unscored, first = Counter(), Counter(), {}
         for i in picks:
             row, where = data[i], f"row {getattr(data, 'indices', range(len(data)))[i]}"
-            problem = solution_problem(row.get("solution"), lists_ok) if scored else None
+            problem = solution_problem(row.get("solution"), lists_ok, boxes) if scored else None
             if problem:
                 unscored[problem.split(" (")[0].split(":")[0].split(",")[0]] += 1
                 first.setdefault("solution", f"{where}: the solution (column '{cfg.solution_column}') is {problem}")
@@ -866,7 +893,8 @@ def rollout_layout(cfg, accelerator):
     if colocate and cfg.overlap == "true":
         user_error("--overlap true: vLLM shares the training GPU here and sleeps while the trainer works; give it a "
                    "GPU of its own (one more visible GPU) or drop --overlap")
-    overlap = cfg.overlap == "true" or (cfg.overlap == "auto" and gpu is not None and not colocate)
+    overlap = cfg.overlap == "true" or (cfg.overlap == "auto" and gpu is not None and not colocate and
+                                        not cfg.dynamic_sampling)
     tis = cfg.importance_sampling == "true" or (cfg.importance_sampling == "auto" and overlap)
     return rollout, gpu, colocate, overlap, tis
 

@@ -6,7 +6,15 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
   2025, Dr. GRPO), which also suggests `--scale_rewards false`.
 - asymmetric clipping [1 - eps_low, 1 + eps_high] (DAPO's clip-higher).
 - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"),
-  added per token with weight beta; beta = 0 loads no reference model.
+  added per token with weight beta; beta = 0 loads no reference model. `--kl_estimator` k1 / k2 / k3 (Schulman
+  2020) or k3+: k3's value with k2's gradient (verl's straight-through "+" estimators).
+- `--importance_sampling_level sequence`: one ratio per sequence, exp of the mean of its tokens' log-ratios (GSPO,
+  Zheng et al. 2025, arXiv 2507.18071).
+- `--mask_truncated_completions`: completions cut at max_completion_length leave the loss (DAPO's overlong
+  filtering; TRL's mask_truncated_completions).
+- `--importance_sampling_mode`: the sampler-mismatch weight per token or per sequence, truncated or masked above
+  the cap (TRL's vllm_importance_sampling_mode, after Yao et al. 2025, "Your efficient RL framework secretly
+  brings you off-policy RL training").
 """
 import contextlib
 import dataclasses
@@ -22,8 +30,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from engine import gather_zero3_params, weight_groups
-from utils import (VISUALS, DataError, RewardError, accuracy_reward, collate, compute_rewards, cut_at_eos,
-                   extract_answer, save_thumbnail, write_jsonl, write_report)
+from rewards import RewardError, accuracy_reward, compute_rewards, extract_answer
+from utils import VISUALS, DataError, collate, cut_at_eos, save_thumbnail, write_jsonl, write_report
 
 GRIDS = tuple(grid for _, grid, _ in VISUALS)  # image_grid_thw, video_grid_thw
 
@@ -44,13 +52,23 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo",
-              max_completion_length=None, num_sequences=None, num_tokens=None, is_weight=None):
+              max_completion_length=None, num_sequences=None, num_tokens=None, is_weight=None,
+              importance_sampling_level="token", kl_estimator="k3", ended=None):
     """Clipped policy-gradient loss on (B, C) per-token log-probs. `num_sequences`/`num_tokens` are the totals of
     the whole batch when this is one micro-batch of it, so that micro-batch losses add up to the batch loss.
-    `is_weight`: (B, C) truncated importance-sampling weights min(p_old / p_sampler, cap) on the policy-gradient
-    term only (the KL term stays unweighted, as in TRL). Returns (loss, stats) with stats as sums over this
-    micro-batch's tokens."""
-    ratio = torch.exp(logp - old_logp)
+    `is_weight`: (B, C) importance-sampling weights against the sampler (importance_weights) on the policy-gradient
+    term only (the KL term stays unweighted, as in TRL). `importance_sampling_level` sequence: GSPO's ratio.
+    `kl_estimator`: k1, k2, k3 or k3+. `ended`: (B,) bool; False rows (truncated) leave the loss, still counted in
+    num_sequences (as TRL's), and num_tokens must count only the kept rows' tokens. Returns (loss, stats) with
+    stats as sums over this micro-batch's tokens (those kept)."""
+    if ended is not None:  # its reward judges an unfinished answer, not a wrong one: it teaches nothing (DAPO)
+        mask = mask * ended[:, None].to(mask.dtype)
+    log_ratio = logp - old_logp
+    if importance_sampling_level == "sequence":  # GSPO: one ratio per sequence, length-normalised, on every token
+        log_ratio = (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"--importance_sampling_level {importance_sampling_level!r}: use token or sequence")
+    ratio = torch.exp(log_ratio).expand_as(logp)
     adv = advantages[:, None]
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.min(unclipped, clipped)
@@ -59,7 +77,16 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
     kl = None
     if beta > 0:
         delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        if kl_estimator == "k1":  # unbiased, but negative on some samples: high variance
+            kl = -delta
+        elif kl_estimator in ("k2", "k3", "k3+"):
+            # as a loss on the policy's own samples k2's gradient is the reverse KL's, k3's the forward KL's (Tang &
+            # Munos 2025): k3+ keeps k3's value (unbiased, >= 0) with k2's gradient
+            k2 = 0.5 * delta ** 2
+            k3 = torch.exp(delta) - delta - 1
+            kl = {"k2": k2, "k3": k3, "k3+": k2 + (k3 - k2).detach()}[kl_estimator]
+        else:
+            raise ValueError(f"--kl_estimator {kl_estimator!r}: use k1, k2, k3 or k3+")
         per_token = per_token + beta * kl
     B = logp.shape[0]
     num_sequences = num_sequences or B
@@ -75,6 +102,24 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=
         stats = {"tokens": mask.sum(), "clipped": ((clipped < unclipped).float() * mask).sum(),
                  "kl": (kl * mask).sum() if kl is not None else torch.zeros(())}
     return loss, stats
+
+
+def importance_weights(old_logp, sampler_logp, mask, cap, mode="token_truncate"):
+    """(B, C) weights of the policy-gradient term correcting for the rollout engine's sampling distribution (TRL's
+    vllm_importance_sampling_mode): token_* each token's ratio p_old / p_sampler, sequence_* one ratio per sequence,
+    exp of the sum of its tokens' log-ratios (the sequence's likelihood ratio); *_truncate min(ratio, cap), *_mask
+    the ratio where <= cap, 0 above (the sample is dropped instead of biased). Returns (weights, the raw ratios:
+    (B, C) for token_*, (B, 1) for sequence_*); padding's log-ratio counts 0."""
+    level, _, rule = mode.partition("_")
+    if level not in ("token", "sequence") or rule not in ("truncate", "mask"):
+        raise ValueError(f"--importance_sampling_mode {mode!r}: use token_truncate, token_mask, sequence_truncate or "
+                         "sequence_mask")
+    log_ratio = torch.where(mask > 0, old_logp - sampler_logp, 0.0)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.clamp(max=cap) if rule == "truncate" else torch.where(ratio <= cap, ratio, 0.0)
+    return weight.expand_as(mask), ratio
 
 
 def completion_logprobs(model, batch, temperature=1.0, suppressed_ids=(), top_p=1.0, chunk_tokens=4096,
@@ -466,24 +511,77 @@ def cut_rollout(rows, prompts, samples, sample_logps, cfg, eos_ids, pad_id):
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring and the update.
 
-def score(rows, texts, reward_funcs, weights, cfg, accelerator=None):
+def score(rows, texts, reward_funcs, weights, cfg, accelerator=None, prompts=None, lengths=None):
     """Rewards of every completion ({reward name: values}, their weighted sum) and group advantages. A reward
     that returned None or a non-finite value for a sample adds 0 to its sum (compute_rewards warns); one that
-    failed (RewardError) on any rank stops every rank with that rank's message, before the update's collectives."""
+    failed (RewardError) on any rank stops every rank with that rank's message, before the update's collectives.
+    Besides the data's columns the rewards get each row's box frame and image sizes (from its prompt: the box
+    rewards) and each completion's length in tokens with --max_completion_length and --overlong_buffer
+    (overlong_reward)."""
     G = cfg.num_generations
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
+    for k in ("image_size", "model_image_size", "box_frame"):
+        columns[k] = [p.get(k) for p in prompts for _ in range(G)] if prompts else [None] * len(texts)
+    columns.update(completion_length=list(lengths) if lengths is not None else [None] * len(texts),
+                   max_completion_length=[getattr(cfg, "max_completion_length", None)] * len(texts),
+                   overlong_buffer=[getattr(cfg, "overlong_buffer", 0)] * len(texts))
     per_reward = on_every_rank(lambda: compute_rewards(reward_funcs, texts, columns), RewardError, accelerator)
     rewards = torch.stack([w * torch.tensor(v, dtype=torch.float64) for w, v in zip(weights, per_reward.values())])
     rewards = rewards.nansum(0).float()
     return per_reward, rewards, group_advantages(rewards, G, cfg.scale_rewards)
 
 
+def informative_groups(rewards, group_size):
+    """(N,) rewards -> (N/G,) bool: the groups whose rewards are not all equal (the others have zero advantages
+    and give the policy-gradient nothing)."""
+    r = torch.nan_to_num(rewards.double(), nan=0.0).view(-1, group_size)
+    return (r != r[:, :1]).any(dim=1)
+
+
+def keep_informative(batch, scored, draw, cfg, accelerator=None):
+    """DAPO's dynamic sampling (Yu et al. 2025): keeps the groups whose rewards differ, drawing and scoring more
+    rollouts (`draw()` -> (batch, scored)) until this rank has --prompts_per_step of them or --dynamic_sampling_tries
+    more draws were made; what is still missing is filled with the all-equal groups drawn first, so every rank
+    steps on as many groups (its micro-batches stay in step with the others'). Every rank draws as often as the
+    one that needs most (a vLLM draw is collective). Returns (batch, scored, extra draws)."""
+    G, P = cfg.num_generations, cfg.prompts_per_step
+    groups = []  # (informative, batch of one group, scored of one group)
+
+    def add(batch, scored):
+        rows, prompts, completions, ended, logps = batch
+        texts, per_reward, rewards, advantages = scored
+        for i, keep in enumerate(informative_groups(rewards, G).tolist()):
+            s = slice(i * G, (i + 1) * G)
+            groups.append((keep, (rows[i:i + 1], prompts[i:i + 1], completions[s], ended[s], logps[s]),
+                           (texts[s], {k: v[s] for k, v in per_reward.items()}, rewards[s], advantages[s])))
+    add(batch, scored)
+    extra = 0
+    while extra < cfg.dynamic_sampling_tries:
+        short = torch.tensor([float(sum(k for k, _, _ in groups) < P)])
+        if accelerator is not None:
+            short = accelerator.reduce(short.to(accelerator.device), "sum").cpu()
+        if short.item() == 0:
+            break
+        add(*draw())
+        extra += 1
+    chosen = ([g for g in groups if g[0]] + [g for g in groups if not g[0]])[:P]
+    batch = tuple(sum((list(b[j]) for _, b, _ in chosen), []) for j in range(5))
+    texts = sum((list(s[0]) for _, _, s in chosen), [])
+    per_reward = {k: sum((list(s[1][k]) for _, _, s in chosen), []) for k in scored[1]}
+    rewards, advantages = (torch.cat([s[j] for _, _, s in chosen]) for j in (2, 3))
+    return batch, (texts, per_reward, rewards, advantages), extra
+
+
 def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages, sampler_logps,
-                  pad_id, tis_cap=None):
+                  pad_id, tis_cap=None, ended=None):
     """mu optimizer steps on this rollout batch, each one accumulated over micro-batches of micro_batch_size
     sequences. `model`/`ref_model` are LogProbModels (DeepSpeed engines under ZeRO-3): every forward is a call of
-    them. `tis_cap`: truncated importance sampling against the sampler's log-probs (None: off). Returns sums over
-    this rank's tokens (tokens, clipped, kl, loss, sampler_diff, tis_capped)."""
+    them. `tis_cap`: importance sampling against the sampler's log-probs, as cfg.importance_sampling_mode says
+    (None: off). `ended`: whether each completion ended with EOS: with cfg.mask_truncated_completions the others
+    leave the loss (None: all stay). Returns sums over this rank's tokens: over those in the loss (tokens, clipped,
+    kl) and loss, each pass's mean; over the sampled tokens, on the first pass (sampled_tokens, sampler_diff,
+    mismatch_kl, entropy, tis_capped, is_masked); the raw importance ratios' sum, count (is_ratio, is_ratios: of
+    tokens, or of sequences for sequence_* modes) and max (is_ratio_max)."""
     G = cfg.num_generations
     flat_prompts = [p for p in prompts for _ in range(G)]
     micro = [list(range(i, min(i + cfg.micro_batch_size, len(completions))))
@@ -493,13 +591,20 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
     seq_tokens = float(sum(b["attention_mask"].sum() for b in batches)) * cfg.mu  # prompts too
     inner = accelerator.unwrap_model(model).model.model
     batches = [batch_on_device(inner, b, accelerator.device) for b in batches]
-    n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for c in completions)),
+    keep = [bool(e) for e in ended] if ended is not None and cfg.mask_truncated_completions else None
+    kept = [None if keep is None else torch.tensor([keep[i] for i in idx], device=accelerator.device) for idx in micro]
+    n_tokens = accelerator.reduce(torch.tensor(float(sum(len(c) for i, c in enumerate(completions)
+                                                         if keep is None or keep[i])),
                                                device=accelerator.device), "mean").item()
     with torch.no_grad():  # the sampling policy (frozen before the first update of this batch) and the reference
         old_logps = [model(b) if cfg.mu > 1 else None for b in batches]
         ref_logps = [ref_model(b) if cfg.beta > 0 else None for b in batches]
-    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped"), 0.0)
+    sums = dict.fromkeys(("tokens", "clipped", "kl", "loss", "sampler_diff", "tis_capped", "mismatch_kl", "entropy",
+                          "is_ratio", "is_ratios", "is_masked"), 0.0)
     sums["seq_tokens"] = seq_tokens
+    sums["sampled_tokens"] = float(sum(len(c) for c in completions))
+    ratio_max = []  # each micro-batch's largest raw importance ratio
+    per_sequence = cfg.importance_sampling_mode.startswith("sequence")
     norm_here = accelerator.state.deepspeed_plugin is None  # DeepSpeed clips itself (get_global_grad_norm)
     norms = []  # each optimizer step's gradient norm (before clipping)
     model.train()
@@ -509,15 +614,23 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
                 logp = model(b)
                 old = old_logps[j] if old_logps[j] is not None else logp.detach()
                 sampled = pad_rows([sampler_logps[i] for i in idx], logp.shape[1]).to(logp.device)
+                tok = b["completion_mask"]
                 weight = None
-                if tis_cap:  # p_old / p_sampler per token, capped (padding: 1)
-                    weight = torch.exp(torch.where(b["completion_mask"] > 0, old - sampled, 0.0)).clamp(max=tis_cap)
+                if tis_cap:  # p_old / p_sampler, per token or per sequence, capped or masked above the cap
+                    weight, ratio = importance_weights(old, sampled, tok, tis_cap, cfg.importance_sampling_mode)
                     if it == 0:
-                        sums["tis_capped"] += ((weight >= tis_cap).float() * b["completion_mask"]).sum()
-                loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device),
-                                     b["completion_mask"], cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
-                                     cfg.loss_type, cfg.max_completion_length,
-                                     num_sequences=len(completions), num_tokens=n_tokens, is_weight=weight)
+                        on = (tok.sum(1, keepdim=True) > 0).to(tok.dtype) if per_sequence else tok  # ratios drawn
+                        sums["is_ratio"] += (ratio * on).sum()
+                        sums["is_ratios"] += on.sum()
+                        ratio_max.append((ratio * on).max())
+                        sums["tis_capped"] += ((weight >= tis_cap).float() * tok).sum()
+                        if cfg.importance_sampling_mode.endswith("_mask"):
+                            sums["is_masked"] += ((ratio > tis_cap).float() * tok).sum()
+                loss, st = grpo_loss(logp, old, ref_logps[j], advantages[idx].to(logp.device), tok, cfg.epsilon_low,
+                                     cfg.epsilon_high, cfg.beta, cfg.loss_type, cfg.max_completion_length,
+                                     num_sequences=len(completions), num_tokens=n_tokens, is_weight=weight,
+                                     importance_sampling_level=cfg.importance_sampling_level,
+                                     kl_estimator=cfg.kl_estimator, ended=kept[j])
                 # accelerate/DeepSpeed divide by the accumulation steps; the normalisers above already did
                 accelerator.backward(loss * len(micro))  # DeepSpeed steps in here at the last micro-batch
                 norm = None
@@ -540,8 +653,12 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
             for k in ("tokens", "clipped", "kl"):
                 sums[k] += st[k] / cfg.mu
             if it == 0:  # the trainer's and the sampler's view of the same tokens
-                sums["sampler_diff"] += ((logp.detach() - sampled).abs() * b["completion_mask"]).sum()
+                sums["sampler_diff"] += ((logp.detach() - sampled).abs() * tok).sum()
+                log_r = torch.where(tok > 0, old - sampled, 0.0)  # log p_old / p_sampler
+                sums["mismatch_kl"] += ((log_r.exp() - 1 - log_r) * tok).sum()  # k3 of KL(sampler || trainer)
+                sums["entropy"] += (-sampled * tok).sum()  # the sampler's per-token entropy, sampled
     out = {k: float(v) for k, v in sums.items()}
+    out["is_ratio_max"] = float(torch.stack(ratio_max).max()) if ratio_max else 0.0
     if norms:
         out["grad_norm"] = sum(norms) / len(norms)
     return out
@@ -550,13 +667,14 @@ def update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, comple
 # ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
-def evaluate(eval_prompts, generate, tok, eos_ids, accelerator):
-    """Accuracy of one sampled completion per held-out prompt, averaged over all processes, and this process's
-    (row, completion, correct) for the report."""
+def evaluate(eval_prompts, generate, tok, eos_ids, accelerator, reward=accuracy_reward):
+    """Accuracy (or, with a box reward, its mean: IoU) of one sampled completion per held-out prompt, averaged over
+    all processes, and this process's (row, completion, score) for the report."""
     rows, prompts = [r for r, _ in eval_prompts], [p for _, p in eval_prompts]
     samples, _ = generate(prompts, 1)
     texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in samples], skip_special_tokens=True)
-    correct = accuracy_reward(texts, [r["solution"] for r in rows])
+    correct = reward(texts, [r["solution"] for r in rows],
+                     **{k: [p.get(k) for p in prompts] for k in ("image_size", "model_image_size", "box_frame")})
     acc = torch.tensor(correct, device=accelerator.device)
     return accelerator.gather(acc).float().mean().item(), list(zip(rows, texts, correct))
 
@@ -595,11 +713,13 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     metrics_path, samples_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "completions.jsonl")
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else [1.0] * len(reward_funcs)
     accuracy_name = next((n for n, f in reward_funcs.items() if f is accuracy_reward), None)
+    # what eval_accuracy scores: accuracy, or the first box reward for grounding (mean IoU with iou)
+    eval_reward = next((f for f in reward_funcs.values() if getattr(f, "reads_boxes", False)), accuracy_reward)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).model.parameters())
     history = list(history or [])
 
     def evaluation(step):  # after step's update and weight copy; draws from the rollouts' RNG
-        acc, samples = evaluate(eval_prompts, generate, tok, eos_ids, accelerator)
+        acc, samples = evaluate(eval_prompts, generate, tok, eos_ids, accelerator, eval_reward)
         if accelerator.is_main_process:
             tqdm.write(f"step {step}: eval_accuracy {acc:.3f} ({eval_source})")
             write_jsonl(os.path.join(out_dir, "eval_completions.jsonl"), [
@@ -623,8 +743,9 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
     for step in bar:
         t0 = time.time()
         # every rollout is followed by the weight copy at the end of this step (or by no generate at all: a stop)
-        batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id,
-                                   sync_follows=sync_weights is not None, accelerator=accelerator)
+        batch = pending or rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id,  # (more may follow: dynamic
+                                   sync_follows=sync_weights is not None and not cfg.dynamic_sampling,  # sampling)
+                                   accelerator=accelerator)
         rows, prompts, completions, ended, sampler_logps = batch
         # one step off: the engine samples the next step's batch with the weights it holds (before this update)
         next_batch = None
@@ -633,12 +754,28 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True,
                                  sync_follows=sync_weights is not None, accelerator=accelerator)
         t_gen = time.time()
-        texts = tok.batch_decode(completions, skip_special_tokens=True)
-        per_reward, rewards, advantages = score(rows, texts, reward_funcs, weights, cfg, accelerator)
+
+        def scored(batch):  # (texts, {reward: values}, rewards, advantages) of a rollout batch
+            texts = tok.batch_decode(batch[2], skip_special_tokens=True)
+            return texts, *score(batch[0], texts, reward_funcs, weights, cfg, accelerator, batch[1],
+                                 [len(c) for c in batch[2]])
+        texts, per_reward, rewards, advantages = scored(batch)
+        zero_std_frac = 1 - informative_groups(rewards, G).float().mean().item()
+        draws, t_draws = 0, 0.0
+        if cfg.dynamic_sampling:
+            def draw():
+                nonlocal t_draws
+                t = time.time()
+                more = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, accelerator=accelerator)
+                t_draws += time.time() - t
+                return more, scored(more)
+            batch, (texts, per_reward, rewards, advantages), draws = keep_informative(
+                batch, (texts, per_reward, rewards, advantages), draw, cfg, accelerator)
+            rows, prompts, completions, ended, sampler_logps = batch
         t_rew = time.time()
         try:
             sums = update_policy(cfg, model, ref_model, optimizer, accelerator, prompts, completions, advantages,
-                                 sampler_logps, tok.pad_token_id, tis_cap)
+                                 sampler_logps, tok.pad_token_id, tis_cap, ended)
         except NonFiniteGradient as e:  # every rank has the same global norm: main.py prints it once
             raise NonFiniteGradient(f"step {step}: {e}") from None
         t_train = time.time()
@@ -667,9 +804,12 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         local.update(reward=rewards, length=lengths, truncated=torch.tensor([float(not e) for e in ended]))
         g = {k: accelerator.gather(v.float().to(accelerator.device)).cpu() for k, v in local.items()}
         tot = accelerator.reduce(torch.tensor([sums[k] for k in ("tokens", "clipped", "kl", "loss", "sampler_diff",
-                                                                 "seq_tokens", "tis_capped")],
+                                                                 "seq_tokens", "tis_capped", "sampled_tokens",
+                                                                 "mismatch_kl", "entropy", "is_ratio", "is_ratios",
+                                                                 "is_masked")],
                                               device=accelerator.device), "sum").cpu().tolist()
-        n_tok = max(tot[0], 1)
+        n_tok = max(tot[0], 1)  # the tokens in the loss (--mask_truncated_completions drops some)
+        n_sampled = max(tot[7], 1)
         m = {"step": step, "loss": tot[3] / accelerator.num_processes,
              "reward_mean": g["reward"].mean().item(), "reward_std": g["reward"].std().item(),
              **{k: v.nanmean().item() for k, v in g.items() if k.startswith("reward/")},
@@ -678,15 +818,29 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
              "truncated_frac": g["truncated"].mean().item(), "completions": len(g["length"]),
              "tokens_per_s": g["length"].sum().item() / (t_end - t0), "step_s": t_end - t0,
              # generate_s: the time the loop waited for rollouts (overlapped: what the update did not hide)
-             "generate_s": t_gen - t0 + t_wait - t_train, "reward_s": t_rew - t_gen, "train_s": t_train - t_rew,
+             "generate_s": t_gen - t0 + t_wait - t_train + t_draws, "reward_s": t_rew - t_gen - t_draws,
+             "train_s": t_train - t_rew,
              "sync_s": t_end - t_wait,
              "skipped_rows": sum(sampler.skipped.values()),
+             # groups whose rewards were all equal (zero advantage: no policy gradient), of the first draw
+             "zero_std_frac": accelerator.reduce(torch.tensor(zero_std_frac, device=accelerator.device),
+                                                 "mean").item(),
              # mean |log p_sampler - log p_trainer| per sampled token: ~0 when both score the same distribution
-             "sampler_logp_diff": tot[4] / n_tok}
+             "sampler_logp_diff": tot[4] / n_sampled,
+             # k3 estimate of KL(sampler || trainer) per sampled token (Yao et al. 2025's mismatch measure)
+             "mismatch_kl": tot[8] / n_sampled,
+             "entropy": tot[9] / n_sampled}  # the sampler's per-token entropy, estimated as mean -log p_sampler
         if "grad_norm" in sums:  # of the whole batch (every rank's, before clipping): the same on each rank
             m["grad_norm"] = sums["grad_norm"]
-        if tis_cap:
-            m["tis_capped_frac"] = tot[6] / n_tok  # tokens whose importance weight hit the cap
+        if cfg.dynamic_sampling:
+            m["dynamic_sampling_draws"] = draws  # rollouts drawn beyond the first (the same on every rank)
+        if tis_cap:  # the raw ratios p_old / p_sampler (per token, or per sequence for sequence_* modes)
+            m["is_ratio_mean"] = tot[10] / max(tot[11], 1)
+            m["is_ratio_max"] = accelerator.gather(torch.tensor([sums["is_ratio_max"]],
+                                                                device=accelerator.device)).max().item()
+            m["is_masked_frac"] = tot[12] / n_sampled  # tokens a *_mask mode dropped (ratio above the cap)
+            if cfg.importance_sampling_mode.endswith("_truncate"):
+                m["tis_capped_frac"] = tot[6] / n_sampled  # tokens whose importance weight hit the cap
         if m["sampler_logp_diff"] > 0.1 and accelerator.is_main_process:
             tqdm.write(f"warning: step {step}: the sampler and the trainer disagree by {m['sampler_logp_diff']:.3f} "
                        "nats/token on the sampled tokens (bf16 noise is ~0.02; temperature, top_p and the suppressed "

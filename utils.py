@@ -1,4 +1,4 @@
-"""Rewards, data (built-in counting task, user datasets, collation), model helpers (tiny models) and the run's report
+"""Data (built-in counting and grounding tasks, user datasets, collation), model helpers (tiny models) and the run's report
 (curves.png, report.html)."""
 import io
 import itertools
@@ -13,156 +13,6 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rewards: plain functions fn(completions, **columns) -> list[float]. Any string in, a float out: never raise on
-# model output (a reward that raises anyway is reported by name in compute_rewards).
-
-# a tag's content may not hold its own closing tag: one parse only, so the match is linear in the text length
-FORMAT_RE = re.compile(r"\s*<think>(?:(?!</think>).)*</think>\s*<answer>(?:(?!</answer>).)*</answer>\s*", re.DOTALL)
-CHOICE_RE = re.compile(r"^\(?([A-Ea-e])\)?(?:[.):\s]|$)")
-NUMBER_RE = re.compile(r"^[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
-INTEGER_RE = re.compile(r"^[-+]?\d+(?:,\d{3})*$")
-
-
-def as_text(x):
-    """A completion as text: a string, a chat message {'content': ...}, or a list of them."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, dict):  # {"role": ..., "content": ...} or a content part {"type": "text", "text": ...}
-        return as_text(x["content"] if "content" in x else x.get("text", ""))
-    if isinstance(x, (list, tuple)):
-        return "".join(as_text(m) for m in x)
-    return "" if x is None else str(x)
-
-
-def extract_answer(text):
-    """The content of the last complete <answer>...</answer>, stripped; None if there is none. String search,
-    not a regex: linear even on megabytes of unclosed tags."""
-    text = as_text(text)
-    last_close = text.rfind("</answer>")
-    start = text.rfind("<answer>", 0, max(last_close, 0))
-    if last_close < 0 or start < 0:
-        return None
-    start += len("<answer>")
-    return text[start:text.find("</answer>", start)].strip()
-
-
-def _as_number(s):
-    """int for integers (compared exactly), float for other plain numbers, None for anything else."""
-    s = s.strip().rstrip(".").replace("$", "").strip()
-    if INTEGER_RE.match(s):
-        return int(s.replace(",", ""))
-    if NUMBER_RE.match(s):
-        return float(s.replace(",", ""))
-    return None
-
-
-def answers_match(answer, solution):
-    """Numbers by value, multiple-choice letters by letter, the rest through math-verify (LaTeX), then text."""
-    if answer is None or solution is None:
-        return False
-    sol = extract_answer(solution) or as_text(solution).strip()  # solutions may carry <answer> tags too
-    ans = answer.strip()
-    if not ans or not sol or len(ans) > 1000:  # a huge 'answer' is not an answer; keeps the parsers bounded
-        return False
-    a, s = _as_number(ans), _as_number(sol)
-    if a is not None and s is not None:
-        if isinstance(a, int) and isinstance(s, int):
-            return a == s
-        return math.isclose(a, s, rel_tol=1e-6, abs_tol=1e-9)
-    sc, ac = CHOICE_RE.match(sol), CHOICE_RE.match(ans)
-    if sc and len(sol) <= 3:
-        return bool(ac) and ac.group(1).upper() == sc.group(1).upper()
-    try:
-        from math_verify import parse, verify
-        gold, pred = parse(sol) or parse(f"${sol}$"), parse(ans) or parse(f"${ans}$")  # bare LaTeX too
-        if gold and pred and verify(gold, pred):
-            return True
-    except Exception:  # math-verify raises on odd LaTeX and times out on pathological input
-        pass
-    norm = lambda t: " ".join(t.lower().strip().strip(".").split())
-    return norm(ans) == norm(sol)
-
-
-def accuracy_reward(completions, solution, **columns):
-    """1.0 when the last <answer>...</answer> equals the solution (numbers, letters, LaTeX), or one of them when a
-    row's solution is a list of accepted answers, else 0.0."""
-    return [float(any(answers_match(extract_answer(c), a) for a in (s if isinstance(s, list) else [s])))
-            for c, s in zip(completions, solution)]
-
-
-accuracy_reward.takes_answer_lists = True  # the data check lets list-valued solutions through to it
-
-
-def format_reward(completions, **columns):
-    """1.0 for exactly '<think>...</think><answer>...</answer>' (whitespace allowed around), else 0.0."""
-    return [float(bool(FORMAT_RE.fullmatch(as_text(c)))) for c in completions]
-
-
-DIGITS_RE = re.compile(r"\d{1,6}")
-
-
-def number_reward(completions, solution, **columns):
-    """Partial credit for counting-style answers, which a small model can climb before it writes the format:
-    1 / (1 + |n - solution|) for the last number n anywhere in the completion, 0 without one (or when the
-    solution is not a number). Used by the CPU smoke run, where a tiny random model learns it within minutes."""
-    out = []
-    for c, sol in zip(completions, solution):
-        numbers, target = DIGITS_RE.findall(as_text(c)[-10_000:]), _as_number(as_text(sol))
-        out.append(0.0 if not numbers or target is None else 1.0 / (1.0 + abs(int(numbers[-1]) - target)))
-    return out
-
-
-class RewardError(ValueError):
-    """A reward function raised or returned something unusable (trainer.train stops the run with its message)."""
-
-
-def compute_rewards(reward_funcs, completions, columns):
-    """Calls each reward of {name: fn}; returns {name: list[float]}, keyed by the --rewards name (two names may
-    share a function). None or a non-finite value becomes NaN, which the weighted sum counts as 0 (the sample's
-    other rewards still count); each such reward is named in a warning, once. A reward that raises or returns the
-    wrong type or length raises RewardError: one line naming it, what it was given and what it returned."""
-    def shown(x):
-        text = " ".join(repr(x).split())
-        return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-    given = f"given {len(completions)} completions and the columns {sorted(columns)}"
-    fix = f"a reward returns a list of {len(completions)} floats, one per completion (None: not scored)"
-    out = {}
-    for name, fn in reward_funcs.items():
-        try:
-            values = fn(completions, **columns)
-        except Exception as e:
-            message = " ".join(str(e).split())[:200]
-            raise RewardError(f"reward '{name}' raised {type(e).__name__}{': ' + message if message else ''}, "
-                              f"{given}: fix it in main.py ({fix})") from e
-        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
-            raise RewardError(f"reward '{name}' returned {shown(values)}, {given}: {fix}")
-        values = list(values)
-        if len(values) != len(completions):
-            raise RewardError(f"reward '{name}' returned {len(values)} values, {given}: {fix}")
-        floats = []
-        for i, v in enumerate(values):
-            try:
-                if isinstance(v, (str, bytes)):
-                    raise TypeError
-                floats.append(float("nan") if v is None else float(v))
-            except (TypeError, ValueError):
-                raise RewardError(f"reward '{name}' returned a list whose item {i} is {shown(v)}, {given}: "
-                                  f"{fix}") from None
-        values = floats
-        bad = sum(not math.isfinite(v) for v in values)
-        if bad:
-            values = [v if math.isfinite(v) else float("nan") for v in values]
-            if name not in WARNED_REWARDS:
-                WARNED_REWARDS.add(name)
-                warnings.warn(f"reward '{name}' returned None, NaN or inf for {bad} of {len(values)} completions: "
-                              "those count as 0 in the total reward (its other rewards still count); warned once")
-        out[name] = values
-    return out
-
-
-WARNED_REWARDS = set()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +56,38 @@ def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
     return rows
 
 
+def make_grounding_dataset(n, seed=0, size=(112, 84), radius=10, grid=(4, 3), objects=(3, 4)):
+    """Synthetic grounding: objects[0] to objects[1] shapes of different colour and kind in the cells of a grid;
+    'Where is the red square?' -> its box '[x1, y1, x2, y2]' in the image's pixels (the frame of a solution's
+    boxes)."""
+    rng = random.Random(seed)
+    (w, h), (gw, gh) = size, grid
+    kinds = [(c, s) for c in COLORS for s in SHAPES]
+    rows = []
+    for _ in range(n):
+        img = Image.new("RGB", size, (245, 245, 240))
+        draw = ImageDraw.Draw(img)
+        shapes = rng.sample(kinds, rng.randint(*objects))  # each (colour, shape) once: the question names one box
+        cells = rng.sample([(x, y) for x in range(gw) for y in range(gh)], len(shapes))
+        boxes = []
+        for (color, shape), (cx, cy) in zip(shapes, cells):
+            x, y = round((cx + 0.5) * w / gw), round((cy + 0.5) * h / gh)
+            box = (x - radius, y - radius, x + radius, y + radius)
+            if shape == "circle":
+                draw.ellipse(box, fill=COLORS[color])
+            elif shape == "square":
+                draw.rectangle(box, fill=COLORS[color])
+            else:
+                draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLORS[color])
+            boxes.append(list(box))
+        rows.append({"image": img, "problem": f"Where is the {shapes[0][0]} {shapes[0][1]}? Give its box.",
+                     "solution": json.dumps(boxes[0])})
+    return rows
+
+
+BUILT_IN = {"counting": make_counting_dataset, "grounding": make_grounding_dataset}  # --dataset names
+
+
 def load_image(value, min_pixels, max_pixels, patch=14):
     """A PIL image from a path, a file:// or http(s):// URL, a data:image/...;base64 URI, bytes, {'bytes'|'path': ...}
     (datasets' Image feature) or PIL, in RGB (to_rgb), resized within [min_pixels, max_pixels] to multiples of
@@ -229,8 +111,10 @@ def load_image(value, min_pixels, max_pixels, patch=14):
         if not isinstance(value, Image.Image):
             raise ValueError(f"unreadable image (expected a path, URL, bytes or PIL image, got {type(value).__name__})")
         value.load()
-        return fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels},
-                           image_patch_size=patch)
+        image = fetch_image({"image": to_rgb(value), "min_pixels": min_pixels, "max_pixels": max_pixels},
+                            image_patch_size=patch)
+        image.info["original_size"] = value.size  # the frame of a solution's boxes
+        return image
     except ValueError:
         raise
     except Exception as e:
@@ -315,8 +199,8 @@ def load_rows(name, split, question_column, solution_column, image_column, seed=
     """Rows of a dataset: 'counting' (built in), a local json/jsonl/parquet file, or a hub dataset name.
     Renames the user's columns to problem/solution/image/video and checks they exist (a missing 'video' column
     means no videos; another name given with --video_column must exist)."""
-    if name == "counting":
-        return make_counting_dataset(512 if split == "train" else 64, seed=seed + (split != "train"))
+    if name in BUILT_IN:
+        return BUILT_IN[name](512 if split == "train" else 64, seed=seed + (split != "train"))
     import datasets
     ext = os.path.splitext(name)[1].lstrip(".").lower()
     if os.path.exists(name):
@@ -483,6 +367,11 @@ def user_content(question, n_images):
     return content
 
 
+# The frame each family writes boxes in: Qwen2-VL and Qwen3-VL 0-1000 relative to the image, Qwen2.5-VL pixels of
+# the image as resized for it (its processor's class names the family)
+BOX_FRAMES = {"Qwen2VLProcessor": "0-1000", "Qwen2_5_VLProcessor": "pixels", "Qwen3VLProcessor": "0-1000"}
+
+
 def build_prompt(processor, row, cfg):
     """Tokenised prompt for one row: a dict of the processor's tensors (batch dim 1), plus 'images' (the resized
     images), 'video' (load_video's, or None: it comes first) and 'engine_ids' (the prompt's tokens before the
@@ -512,6 +401,11 @@ def build_prompt(processor, row, cfg):
     if n > cfg.max_prompt_length:  # never truncate: cutting inside the image tokens breaks the model's input
         raise ValueError(f"prompt of {n} tokens is over --max_prompt_length {cfg.max_prompt_length}")
     out = {"text": text, "images": images, "video": video, "engine_ids": processor.tokenizer(text)["input_ids"], **enc}
+    if images:  # what the box rewards map the answer's boxes with (rewards.py): the first image's sizes, the frame
+        grid, patch = enc["image_grid_thw"][0].tolist(), patch_size(processor)
+        out.update(image_size=list(images[0].info.get("original_size", images[0].size)),
+                   model_image_size=[grid[2] * patch, grid[1] * patch],
+                   box_frame=BOX_FRAMES.get(type(processor).__name__, "0-1000"))
     if stamps:  # what a vLLM that expands the whole triple gets in place of the bare token (engine.vllm_prompt)
         out["video_triple"] = processor.tokenizer(triple, add_special_tokens=False)["input_ids"]
     return out
@@ -522,10 +416,15 @@ def skip_reason(message):
     return "prompt over --max_prompt_length" if message.startswith("prompt of ") else message.split(" (")[0]
 
 
-def solution_problem(value, lists_ok):
+def solution_problem(value, lists_ok, boxes=False):
     """What is wrong with a row's solution for the rewards (None if nothing): each reward compares completions with
     it, so it must be a non-empty string or number, or (lists_ok: every reward that reads it takes them) a
-    non-empty list of those."""
+    non-empty list of those; for the box rewards (boxes) one box or more (rewards.solution_boxes)."""
+    if boxes:
+        from rewards import solution_boxes
+        return None if solution_boxes(value) else (
+            f"not a box ({str(value)[:60]}): give [x1, y1, x2, y2] in the original image's pixels, or a list of "
+            "such boxes, as a list or JSON text")
     if isinstance(value, list) and lists_ok:
         return "an empty list" if not value else next(filter(None, (solution_problem(v, False) for v in value)), None)
     if isinstance(value, list):

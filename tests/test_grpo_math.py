@@ -1,10 +1,11 @@
 """The loss, advantages and log-probs against naive loop implementations on random inputs, gradients included."""
 import itertools
+import math
 
 import pytest
 import torch
 
-from trainer import completion_logprobs, group_advantages, grpo_loss
+from trainer import completion_logprobs, group_advantages, grpo_loss, importance_weights
 
 
 # ---- naive references: one sample, one token at a time ---------------------------------------------------------
@@ -19,22 +20,28 @@ def naive_advantages(rewards, G, scale_std, eps=1e-4):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L, is_weight=None):
+def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L, is_weight=None, level="token", kl="k3",
+               ended=None):
+    """level sequence (GSPO): every token of a sequence takes the ratio exp(mean of its tokens' log p - log old).
+    kl: k1, k2 or k3 of d = ref - logp. ended: a False row (truncated) adds no term, yet counts as one of the B
+    sequences (grpo, dr_grpo); dapo divides by the kept tokens."""
     B, C = logp.shape
     seq_means, token_sum, n_tokens = [], 0.0, 0
     for i in range(B):
+        tokens = [t for t in range(C) if mask[i, t] != 0 and (ended is None or ended[i])]
         terms = []
-        for t in range(C):
-            if mask[i, t] == 0:
-                continue
-            ratio = torch.exp(logp[i, t] - old[i, t])
+        for t in tokens:
+            if level == "sequence":
+                ratio = torch.exp(sum(logp[i, u] - old[i, u] for u in tokens) / len(tokens))
+            else:
+                ratio = torch.exp(logp[i, t] - old[i, t])
             objective = torch.minimum(ratio * adv[i], torch.clamp(ratio, 1 - el, 1 + eh) * adv[i])
             term = -objective
             if is_weight is not None:  # truncated importance sampling: the policy-gradient term only
                 term = term * is_weight[i, t]
             if beta > 0:
                 d = ref[i, t] - logp[i, t]
-                term = term + beta * (torch.exp(d) - d - 1)
+                term = term + beta * {"k1": -d, "k2": d * d / 2, "k3": torch.exp(d) - d - 1}[kl]
             terms.append(term)
         n_tokens += len(terms)
         token_sum = token_sum + sum(terms)
@@ -44,6 +51,22 @@ def naive_loss(logp, old, ref, adv, mask, el, eh, beta, loss_type, L, is_weight=
     if loss_type == "dapo":
         return token_sum / n_tokens
     return token_sum / (B * L)
+
+
+def naive_importance_weights(old, sampled, mask, cap, mode):
+    """(weights (B, C), raw ratios: one per token (padding 1) or one per sequence), one float at a time."""
+    B, C = old.shape
+    weights, ratios = [], []
+    for i in range(B):
+        if mode.startswith("sequence"):  # the sequence's likelihood ratio: the product of its tokens' ratios
+            r = math.exp(sum(float(old[i, t] - sampled[i, t]) for t in range(C) if mask[i, t] != 0))
+            row = [r] * C
+            ratios.append(r)
+        else:
+            row = [math.exp(float(old[i, t] - sampled[i, t])) if mask[i, t] != 0 else 1.0 for t in range(C)]
+            ratios.append(row)
+        weights.append([min(r, cap) if mode.endswith("truncate") else (r if r <= cap else 0.0) for r in row])
+    return torch.tensor(weights, dtype=torch.float64), torch.tensor(ratios, dtype=torch.float64)
 
 
 def random_batch(B=6, C=9, seed=0):
@@ -179,6 +202,196 @@ def test_importance_weights_scale_the_policy_gradient_term_only(loss_type):
 def test_unknown_loss_type_is_named():
     with pytest.raises(ValueError, match="--loss_type"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1), loss_type="ppo")
+
+
+# ---- the 2025-26 options: GSPO's ratio, KL estimators, truncated completions, importance-sampling modes --------
+
+LOSS_TYPES = ["grpo", "dapo", "dr_grpo"]
+IS_MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
+
+def moved_batch(seed, B=6, C=9):
+    """A later pass (mu > 1): the policy has moved from the old one, the reference elsewhere."""
+    g, logp0, mask = random_batch(B, C, seed)
+    old = logp0 + 0.3 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    ref = logp0 + 0.2 * torch.randn(B, C, generator=g, dtype=torch.float64)
+    return g, logp0, old, ref, torch.randn(B, generator=g, dtype=torch.float64), mask
+
+
+def value_and_grad(fn, logp0):
+    logp = logp0.clone().requires_grad_(True)
+    out = fn(logp)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return loss.detach(), logp.grad
+
+
+def assert_same(ours, want):
+    torch.testing.assert_close(ours[0], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[1], want[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type,weighted", itertools.product(LOSS_TYPES, [False, True]))
+def test_sequence_level_ratio_matches_naive(loss_type, weighted):
+    """--importance_sampling_level sequence (GSPO): loss and gradient of the naive loop, and not the token level's.
+    weighted: per-token importance weights too, under which the gradient through the sequence's mean differs from
+    GSPO-token's (the sequence's ratio's value with each token's own gradient; equal without them)."""
+    g, logp0, old, ref, adv, mask = moved_batch(seed=11)
+    weight = None
+    if weighted:
+        weight = torch.exp(0.5 * torch.randn(*old.shape, generator=g, dtype=torch.float64)).clamp(max=2.0)
+    ours = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                               is_weight=weight, importance_sampling_level="sequence"), logp0)
+    want = value_and_grad(lambda lp: naive_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                                is_weight=weight, level="sequence"), logp0)
+    assert_same(ours, want)
+    token = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                                is_weight=weight), logp0)
+    assert (token[1] - ours[1]).abs().max() > 1e-3
+
+
+def test_sequence_ratio_is_the_mean_of_its_tokens_log_ratios():
+    """Advantage 1, eps 0.2. Sequence 0's log-ratios (0.5, -0.5) give it ratio 1: unclipped, each token gets
+    gradient -1/2 (the mean's share) x 1/2 (grpo's mean over 2 sequences). Sequence 1's (1.2, -0.2) give e^0.5 >
+    1.2: clipped, no gradient on either token. Token by token it is the other way round for sequence 0's first
+    token (e^0.5: clipped) and sequence 1's second (e^-0.2: not)."""
+    old = torch.full((2, 2), -2.0, dtype=torch.float64)
+    logp0 = old + torch.tensor([[0.5, -0.5], [1.2, -0.2]], dtype=torch.float64)
+    adv, mask = torch.ones(2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)
+    loss, grad = value_and_grad(lambda lp: grpo_loss(lp, old, None, adv, mask, importance_sampling_level="sequence"),
+                                logp0)
+    torch.testing.assert_close(loss, torch.tensor(-(1 + 1.2) / 2, dtype=torch.float64))
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, -0.25], [0.0, 0.0]], dtype=torch.float64))
+    _, token_grad = value_and_grad(lambda lp: grpo_loss(lp, old, None, adv, mask), logp0)
+    assert token_grad[0, 0] == 0 and token_grad[1, 1] < 0
+
+
+@pytest.mark.parametrize("loss_type,kl", itertools.product(LOSS_TYPES, ["k1", "k2", "k3"]))
+def test_kl_estimators_match_naive(loss_type, kl):
+    """--kl_estimator: loss and gradient of the naive loop; the logged kl is the estimator's value."""
+    g, logp0, old, ref, adv, mask = moved_batch(seed=12)
+    ours = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12,
+                                               kl_estimator=kl), logp0)
+    want = value_and_grad(lambda lp: naive_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12, kl=kl), logp0)
+    assert_same(ours, want)
+    _, stats = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12, kl_estimator=kl)
+    estimate = {"k1": lambda d: -d, "k2": lambda d: d * d / 2, "k3": lambda d: math.exp(d) - d - 1}[kl]
+    logged = sum(estimate(float(ref[i, t] - logp0[i, t])) for i, t in itertools.product(*map(range, mask.shape))
+                 if mask[i, t] != 0)
+    assert abs(stats["kl"].item() - logged) < 1e-10
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_k3_plus_has_k3s_value_and_k2s_gradient(loss_type):
+    g, logp0, old, _, adv, mask = moved_batch(seed=13)
+    ref = logp0 + torch.randn(*logp0.shape, generator=g, dtype=torch.float64)  # far enough for k2 != k3
+    plus = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12,
+                                               kl_estimator="k3+"), logp0)
+    k3, k2 = (value_and_grad(lambda lp: naive_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12, kl=kl),
+                             logp0) for kl in ("k3", "k2"))
+    assert abs(k3[0] - k2[0]) > 1e-3 and (k3[1] - k2[1]).abs().max() > 1e-3  # the test tells them apart
+    torch.testing.assert_close(plus[0], k3[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(plus[1], k2[1], rtol=1e-10, atol=1e-12)
+    _, stats = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12, kl_estimator="k3+")
+    _, stats_k3 = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.5, loss_type, 12)
+    torch.testing.assert_close(stats["kl"], stats_k3["kl"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("loss_type,level", itertools.product(LOSS_TYPES, ["token", "sequence"]))
+def test_truncated_completions_leave_the_loss(loss_type, level):
+    """--mask_truncated_completions: a completion without EOS adds nothing and gets no gradient, out of dapo's token
+    count, still one of grpo's and dr_grpo's sequences."""
+    g, logp0, old, ref, adv, mask = moved_batch(seed=14)
+    ended = torch.tensor([True, False, True, False, True, True])  # row 1: a full row, truncated
+    ours = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                               importance_sampling_level=level, ended=ended), logp0)
+    want = value_and_grad(lambda lp: naive_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12, level=level,
+                                                ended=ended.tolist()), logp0)
+    assert_same(ours, want)
+    assert ours[1][~ended].abs().max() == 0
+    _, stats = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12, ended=ended)
+    assert stats["tokens"] == mask[ended].sum()
+    kept_all = grpo_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12, importance_sampling_level=level)
+    assert abs(kept_all[0] - ours[0]) > 1e-4
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batches_add_up_with_every_option(loss_type):
+    """Truncated rows masked, GSPO's ratio, k3+, sequence-masked importance weights at once: with the batch's totals
+    (dapo: the kept tokens only) the micro-batch losses and gradients add up to the batch's, which is the naive one."""
+    g, logp0, old, ref, adv, mask = moved_batch(seed=15, B=8, C=7)
+    sampled = old + 0.4 * torch.randn(8, 7, generator=g, dtype=torch.float64)
+    ended = torch.tensor([True, False, True, True, False, True, True, False])
+    weight, _ = importance_weights(old, sampled, mask, 2.0, "sequence_mask")
+    opts = dict(importance_sampling_level="sequence", kl_estimator="k3+")
+    full = logp0.clone().requires_grad_(True)
+    whole, _ = grpo_loss(full, old, ref, adv, mask, 0.2, 0.28, 0.05, loss_type, 10, is_weight=weight, ended=ended,
+                         **opts)
+    whole.backward()
+    naive_weight, _ = naive_importance_weights(old, sampled, mask, 2.0, "sequence_mask")
+    want = naive_loss(logp0, old, ref, adv, mask, 0.2, 0.28, 0.05, loss_type, 10, is_weight=naive_weight,
+                      level="sequence", kl="k3", ended=ended.tolist())
+    torch.testing.assert_close(whole.detach(), want, rtol=1e-10, atol=1e-12)
+    parts = logp0.clone().requires_grad_(True)
+    total = 0
+    for idx in ([0, 1, 2], [3, 4, 5], [6, 7]):
+        loss, _ = grpo_loss(parts[idx], old[idx], ref[idx], adv[idx], mask[idx], 0.2, 0.28, 0.05, loss_type, 10,
+                            num_sequences=8, num_tokens=mask[ended].sum().item(), is_weight=weight[idx],
+                            ended=ended[idx], **opts)
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(parts.grad, full.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,loss_type", itertools.product(IS_MODES, LOSS_TYPES))
+def test_importance_sampling_modes_match_naive(mode, loss_type):
+    """--importance_sampling_mode: the weights and raw ratios of the naive loop, and with them the loss and gradient
+    (the weight on the policy-gradient term only)."""
+    g, logp0, old, ref, adv, mask = moved_batch(seed=19)
+    sampled = old + 0.5 * torch.randn(*old.shape, generator=g, dtype=torch.float64)
+    weight, ratio = importance_weights(old, sampled, mask, 2.0, mode)
+    want_weight, want_ratio = naive_importance_weights(old, sampled, mask, 2.0, mode)
+    assert (want_ratio > 2.0).any() and (want_ratio < 2.0).any()  # the cap bites somewhere, not everywhere
+    torch.testing.assert_close(weight, want_weight, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ratio.squeeze(1) if mode.startswith("sequence") else ratio, want_ratio, rtol=1e-12,
+                               atol=0)
+    ours = value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                               is_weight=weight), logp0)
+    want = value_and_grad(lambda lp: naive_loss(lp, old, ref, adv, mask, 0.2, 0.28, 0.1, loss_type, 12,
+                                                is_weight=want_weight), logp0)
+    assert_same(ours, want)
+
+
+def test_mask_modes_zero_exactly_the_tokens_or_sequences_above_the_cap():
+    g, logp0, old, ref, adv, mask = moved_batch(seed=17)
+    sampled = old + 0.5 * torch.randn(*old.shape, generator=g, dtype=torch.float64)
+    cap, on = 2.0, mask > 0
+    token_ratio = torch.exp(old - sampled)
+    above = on & (token_ratio > cap)
+    assert above.any() and (on & ~above).any()
+    w, _ = importance_weights(old, sampled, mask, cap, "token_mask")
+    assert (w[above] == 0).all() and (w[on & ~above] > 0).all()
+    torch.testing.assert_close(w[on & ~above], token_ratio[on & ~above], rtol=1e-12, atol=0)
+    seq_ratio = torch.tensor([math.exp(sum(float(old[i, t] - sampled[i, t]) for t in range(old.shape[1]) if on[i, t]))
+                              for i in range(old.shape[0])], dtype=torch.float64)
+    rows_above = seq_ratio > cap
+    assert rows_above.any() and (~rows_above).any()
+    assert (above & ~rows_above[:, None]).any(), "a token above the cap in a kept sequence: the modes differ"
+    w, _ = importance_weights(old, sampled, mask, cap, "sequence_mask")
+    assert (w[rows_above] == 0).all() and (w[~rows_above] > 0).all()
+    torch.testing.assert_close(w[~rows_above], seq_ratio[~rows_above, None].expand(-1, old.shape[1]), rtol=1e-12,
+                               atol=0)
+
+
+def test_unknown_options_are_named():
+    one = torch.ones(1, 1)
+    for kwargs, flag in ((dict(kl_estimator="k4", beta=0.1), "--kl_estimator"),
+                         (dict(importance_sampling_level="group"), "--importance_sampling_level")):
+        with pytest.raises(ValueError, match=flag):
+            grpo_loss(one, one, one, torch.zeros(1), one, **kwargs)
+    with pytest.raises(ValueError, match="--importance_sampling_mode"):
+        importance_weights(one, one, one, 2.0, "token_clip")
 
 
 # ---- log-probs from the model --------------------------------------------------------------------------------
@@ -599,3 +812,38 @@ def test_each_kind_of_row_scores_as_the_models_own_forward(tmp_path, kind, case)
     with torch.no_grad():
         wrong = completion_logprobs(model, {**batch_on_device(model.model, {**shared, "image_index": index}, "cpu")})
     assert ((wrong * mask - own[0]).abs().max()) > 1e-6
+
+
+# ---- dynamic sampling (DAPO) -------------------------------------------------------------------------------------
+
+def fake_draw(tag, rewards, G):
+    """A rollout batch of len(rewards) / G groups whose items are named by `tag`, scored with `rewards`."""
+    from trainer import group_advantages
+    n = len(rewards) // G
+    batch = ([f"{tag}row{i}" for i in range(n)], [f"{tag}prompt{i}" for i in range(n)],
+             [[i, j] for i in range(n) for j in range(G)], [True] * (n * G), [[0.0, 0.0]] * (n * G))
+    r = torch.tensor(rewards, dtype=torch.float32)
+    return batch, ([f"{tag}text{k}" for k in range(n * G)], {"acc": list(rewards)}, r, group_advantages(r, G))
+
+
+def test_dynamic_sampling_keeps_informative_groups_draws_until_full_and_fills_the_rest():
+    """3 prompts a step, G = 2. First draw: groups a0 (equal), a1 (differ), a2 (equal). Second: b0 (differ), b1
+    (equal), b2 (equal). Third: c0 (differ), ... The step keeps a1, b0, c0 (2 extra draws) with their own texts,
+    rewards and advantages; with one try allowed it keeps a1, b0 and fills with a0 (the first all-equal group)."""
+    from types import SimpleNamespace
+    from trainer import keep_informative
+    G = 2
+    draws = iter([fake_draw("b", [1, 0, 1, 1, 0, 0], G), fake_draw("c", [0, 1, 1, 1, 1, 1], G)])
+    first = fake_draw("a", [1, 1, 0, 1, 0, 0], G)
+    cfg = SimpleNamespace(num_generations=G, prompts_per_step=3, dynamic_sampling_tries=4)
+    batch, (texts, per, rewards, adv), extra = keep_informative(*first, lambda: next(draws), cfg)
+    assert extra == 2
+    assert batch[0] == ["arow1", "brow0", "crow0"] and batch[1] == ["aprompt1", "bprompt0", "cprompt0"]
+    assert texts == ["atext2", "atext3", "btext0", "btext1", "ctext0", "ctext1"]
+    assert rewards.tolist() == [0, 1, 1, 0, 0, 1] and per["acc"] == [0, 1, 1, 0, 0, 1]
+    assert (adv != 0).all() and len(batch[2]) == len(batch[3]) == len(batch[4]) == 6
+    draws = iter([fake_draw("b", [1, 0, 1, 1, 0, 0], G)])
+    cfg.dynamic_sampling_tries = 1
+    batch, (texts, per, rewards, adv), extra = keep_informative(*first, lambda: next(draws), cfg)
+    assert extra == 1 and batch[0] == ["arow1", "brow0", "arow0"]  # filled with the first all-equal group
+    assert adv[-2:].tolist() == [0, 0]

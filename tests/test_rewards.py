@@ -1,7 +1,7 @@
-"""Table-driven tests of the reward functions in utils.py: accuracy_reward, format_reward, extract_answer,
+"""Table-driven tests of the reward functions in rewards.py: accuracy_reward, format_reward, extract_answer,
 answers_match and compute_rewards.
 
-Contract under test (utils.py): a reward takes any model output and returns one float per completion, never
+Contract under test (rewards.py): a reward takes any model output and returns one float per completion, never
 raising; compute_rewards names the reward function that misbehaves.
 
 Cases tagged with a `regression(...)` label guard bugs that these tests found and that were fixed (the reason
@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import utils`
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for `import rewards`
 import math_verify  # noqa: E402,F401  (imported here so forked children do not pay for the import)
 
-from utils import (RewardError, accuracy_reward, answers_match, compute_rewards, extract_answer,  # noqa: E402
+from rewards import (RewardError, accuracy_reward, answers_match, compute_rewards, extract_answer,  # noqa: E402
                    format_reward, number_reward)
 
 MB = 1 << 20
@@ -528,8 +528,8 @@ def test_two_names_for_one_function_are_two_rewards():
 
 
 def test_non_finite_rewards_become_nan_and_are_named_once(recwarn):
-    import utils
-    utils.WARNED_REWARDS.discard("odd")
+    import rewards
+    rewards.WARNED_REWARDS.discard("odd")
     out = compute_rewards({"odd": inf_reward}, COMPLETIONS, COLUMNS)
     assert math.isnan(out["odd"][0]) and out["odd"][1] == 1.0 and math.isnan(out["odd"][2])
     compute_rewards({"odd": inf_reward}, COMPLETIONS, COLUMNS)
