@@ -85,6 +85,7 @@ class Config:
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA's scale: the adapters add lora_alpha / lora_rank x B A (0: 2 x lora_rank)"})
     lora_targets: str = field(default="language", metadata={"help": "the layers LoRA adapts: language (the language model's attention and MLP projections), all (the vision blocks' too), or a regex of module names (peft's target_modules)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
+    offload: str = field(default="none", metadata={"help": "DeepSpeed's ZeRO-Offload: optimizer (the float32 master weights and Adam state in host memory, the step on the CPU), all (the weights too, between uses; ZeRO-3), none", "choices": ("none", "optimizer", "all")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (compiled at the first step, again at the first padded batch); auto: on GPUs unless under ZeRO-3 (true there is refused)", "choices": ("auto", "true", "false")})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
@@ -123,7 +124,7 @@ FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
                               "scale_rewards", "mu", "importance_sampling", "importance_sampling_cap",
                               "importance_sampling_mode", "learning_rate", "weight_decay", "max_grad_norm", "steps",
                               "epochs", "trainable",
-                              "lora_rank", "lora_alpha", "lora_targets", "micro_batch_size", "zero_stage", "gradient_checkpointing", "compile",
+                              "lora_rank", "lora_alpha", "lora_targets", "micro_batch_size", "zero_stage", "offload", "gradient_checkpointing", "compile",
                               "attn_implementation"),
     "output, checkpoints and logging": ("output_dir", "save_steps", "save_total_limit", "resume", "overwrite",
                                         "eval_steps", "eval_size", "log_completions_steps", "report_to", "verbose",
@@ -221,6 +222,10 @@ def check_config(cfg):
     if cfg.lora_rank and cfg.zero_stage == "3":
         problems.append("--lora_rank with --zero_stage 3: LoRA runs under ZeRO-2 (the adapters' optimizer state is "
                         "small; each copy to vLLM merges whole base weights); give --zero_stage 2 or auto")
+    if cfg.offload == "all" and (cfg.zero_stage == "2" or cfg.lora_rank):
+        problems.append("--offload all keeps the weights in host memory between uses, which only ZeRO-3 does: give "
+                        "--zero_stage 3 or auto" + (" and no --lora_rank (LoRA runs under ZeRO-2; --offload "
+                                                     "optimizer works with it)" if cfg.lora_rank else ""))
     if cfg.lora_rank and cfg.trainable != "language":
         problems.append(f"--trainable {cfg.trainable} with --lora_rank: LoRA trains its adapters only; choose the "
                         "layers they adapt with --lora_targets (language or all)")
@@ -674,6 +679,8 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     GiB of peak memory). CPU runs keep ZeRO-3."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
+    if cfg.offload == "all":  # the weights in host memory: ZeRO-3's partitions
+        return 3
     if cfg.lora_rank:  # the base is frozen and whole on each rank (check_flags refuses ZeRO-3 with LoRA)
         return 2
     if resumed_stage:  # the checkpoint's DeepSpeed shards are of the stage it was written with
@@ -681,7 +688,8 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     if accelerator.device.type != "cuda":
         return 3
     n = sum(p.numel() for p in model.parameters())
-    need = n * (2 + 2 + 12 / accelerator.num_processes + (2 if ref_model is not None else 0))
+    optimizer_bytes = 0 if cfg.offload == "optimizer" else 12 / accelerator.num_processes  # fp32 master, Adam
+    need = n * (2 + 2 + optimizer_bytes + (2 if ref_model is not None else 0))
     return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
 
 
@@ -718,6 +726,12 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             ds_plugin.deepspeed_config["data_types"] = {"grad_accum_dtype": "fp32"}
             if accelerator.num_processes > 1:
                 ds_plugin.deepspeed_config["communication_data_type"] = "fp32"
+        if cfg.offload != "none":  # host memory, pinned on GPUs; the torch optimizer steps there (no CPUAdam build)
+            where = {"device": "cpu", "pin_memory": accelerator.device.type == "cuda"}
+            zero["offload_optimizer"] = where
+            if cfg.offload == "all":
+                zero["offload_param"] = dict(where)
+            ds_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         if zero["stage"] == 3:
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         elif cfg.max_grad_norm > 0 and bf16:
