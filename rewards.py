@@ -164,7 +164,7 @@ WARNED_REWARDS = set()
 # the answer's boxes into the original pixels before comparing.
 
 BOX_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
-PAIR_RE = re.compile(rf"\(\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*\)\s*,?\s*\(\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*\)")
+PAIR_RE = re.compile(rf"\(\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*\)\s*(?:,\s*)?\(\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*\)")
 QUAD_RE = re.compile(rf"[\[(]\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*,\s*({BOX_NUMBER})\s*[\])]")
 NUMBER_IN_TEXT_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 BOX_KEYS = ("bbox_2d", "bbox", "box", "box_2d")
@@ -179,7 +179,7 @@ def as_box(value):
         return None
     try:
         x1, y1, x2, y2 = (float(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits does not fit a float)
         return None
     if not all(map(math.isfinite, (x1, y1, x2, y2))) or isinstance(value[0], bool):
         return None
@@ -198,20 +198,24 @@ def boxes_in(value):
     return []
 
 
-def parse_boxes(text):
+def parse_boxes(text, loose=True):
     """The boxes an answer gives, in the order written, in the model's frame: of the last <answer>...</answer> if
-    there is one, else of the whole text. Reads JSON (a box, {"bbox_2d": [...]}, a list of them, in ```json fences
-    or not), (x1,y1),(x2,y2) pairs (Qwen2-VL's <|box_start|>...<|box_end|> without the markers, which decoding
-    drops), and [x1, y1, x2, y2] anywhere. Nothing readable: []."""
-    text = extract_answer(text) or as_text(text)
-    text = text[-20_000:]  # the parsers stay linear; a box is never that far from the end
+    there is one (an empty one: none), else of the whole text. Reads JSON (a box, {"bbox_2d": [...]}, a list of
+    them, in ```json fences or not), (x1,y1),(x2,y2) pairs (Qwen2-VL's <|box_start|>...<|box_end|> without the
+    markers, which decoding drops), [x1, y1, x2, y2] anywhere, and (loose) else the last four numbers. Nothing
+    readable: []."""
+    answer = extract_answer(text)
+    text = (answer if answer is not None else as_text(text))[-20_000:]  # linear parsers; a box is near the end
     body = text.strip()
     if body.startswith("```"):
         body = body.strip("`").removeprefix("json").strip()
     if body[:1] in "[{":
         try:
             import json
-            return boxes_in(json.loads(body))
+            boxes = boxes_in(json.loads(body))
+            if boxes:  # JSON without a box it knows ({"cat": [...]}) is read by the patterns below, not by the
+                return boxes  # last four numbers: [1, 2, 3, 4, 5] is no box
+            loose = False
         except (ValueError, RecursionError):  # not JSON, or nested past the decoder's depth: the regexes read it
             pass
     found = [(m.start(), m.groups()) for m in PAIR_RE.finditer(text)]
@@ -219,7 +223,7 @@ def parse_boxes(text):
     found += [(m.start(), m.groups()) for m in QUAD_RE.finditer(text)
               if not any(a <= m.start() < b for a, b in taken)]
     boxes = [b for _, g in sorted(found)[:MAX_BOXES] if (b := as_box(g)) is not None]
-    if not boxes:  # 'x1=10 y1=20 x2=30 y2=40', '10 20 30 40': the last four numbers, as a small model first writes
+    if not boxes and loose:  # 'x1=10 y1=20 x2=30 y2=40', '10 20 30 40': the last four numbers (a small model's)
         numbers = NUMBER_IN_TEXT_RE.findall(text[-200:])
         boxes = [b] if len(numbers) >= 4 and (b := as_box(numbers[-4:])) is not None else []
     return boxes
@@ -232,7 +236,7 @@ def solution_boxes(solution):
             import json
             solution = json.loads(solution)
         except (ValueError, RecursionError):
-            return parse_boxes(solution)
+            return parse_boxes(solution, loose=False)  # a solution in prose with four numbers is not a box
     return boxes_in(solution)
 
 
@@ -273,36 +277,43 @@ def matched_boxes(pred, gold):
 
 
 def row_boxes(completions, solution, image_size, model_image_size, box_frame):
-    """(predicted boxes in original pixels, reference boxes) per completion."""
+    """(predicted boxes in original pixels, reference boxes) per completion; None for a row without an image
+    (its boxes have no frame: the rewards score it None, which compute_rewards counts 0 and names). Without the
+    sizes at all (a reward called by hand) the boxes are compared as written."""
     n = len(completions)
+    sized = image_size is not None
     image_size, model_image_size = image_size or [None] * n, model_image_size or [None] * n
     box_frame = box_frame or ["0-1000"] * n
-    return [([to_original(b, f, size, msize) for b in parse_boxes(c)], solution_boxes(s))
+    return [None if sized and not size else
+            ([to_original(b, f, size, msize) for b in parse_boxes(c)], solution_boxes(s))
             for c, s, size, msize, f in zip(completions, solution, image_size, model_image_size, box_frame)]
 
 
 def iou_reward(completions, solution, image_size=None, model_image_size=None, box_frame=None, **columns):
     """IoU of the answer's first box with the solution's first box, in the original image's pixels; 0 when the
     answer has no box."""
-    return [box_iou(pred[0], gold[0]) if pred and gold else 0.0
-            for pred, gold in row_boxes(completions, solution, image_size, model_image_size, box_frame)]
+    return [None if row is None else box_iou(row[0][0], row[1][0]) if row[0] and row[1] else 0.0
+            for row in row_boxes(completions, solution, image_size, model_image_size, box_frame)]
 
 
 def boxes_reward(completions, solution, image_size=None, model_image_size=None, box_frame=None, **columns):
     """Several boxes: the optimally matched pairs' IoU summed over max(answer's boxes, solution's boxes), so a
     missing box and an extra one each cost as much as a box that misses entirely. 1.0 only for every box, once."""
     out = []
-    for pred, gold in row_boxes(completions, solution, image_size, model_image_size, box_frame):
-        out.append(sum(matched_boxes(pred, gold)) / max(len(pred), len(gold)) if pred and gold else 0.0)
+    for row in row_boxes(completions, solution, image_size, model_image_size, box_frame):
+        pred, gold = row or ([], [])
+        out.append(None if row is None else sum(matched_boxes(pred, gold)) / max(len(pred), len(gold))
+                   if pred and gold else 0.0)
     return out
 
 
 def box_f1_reward(completions, solution, image_size=None, model_image_size=None, box_frame=None, **columns):
     """F1 at IoU 0.5: boxes matched one to one (matched_boxes) with IoU >= 0.5 count as found."""
     out = []
-    for pred, gold in row_boxes(completions, solution, image_size, model_image_size, box_frame):
+    for row in row_boxes(completions, solution, image_size, model_image_size, box_frame):
+        pred, gold = row or ([], [])
         hits = sum(v >= 0.5 for v in matched_boxes(pred, gold))
-        out.append(2 * hits / (len(pred) + len(gold)) if pred and gold else 0.0)
+        out.append(None if row is None else 2 * hits / (len(pred) + len(gold)) if pred and gold else 0.0)
     return out
 
 

@@ -673,8 +673,12 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator, reward=accuracy_
     rows, prompts = [r for r, _ in eval_prompts], [p for _, p in eval_prompts]
     samples, _ = generate(prompts, 1)
     texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in samples], skip_special_tokens=True)
-    correct = reward(texts, [r["solution"] for r in rows],
-                     **{k: [p.get(k) for p in prompts] for k in ("image_size", "model_image_size", "box_frame")})
+    columns = {"solution": [r["solution"] for r in rows],
+               **{k: [p.get(k) for p in prompts] for k in ("image_size", "model_image_size", "box_frame")}}
+    # as training scores: a reward that fails stops every rank with its name; None (no image to box) counts 0
+    correct = on_every_rank(lambda: compute_rewards({"eval": reward}, texts, columns), RewardError,
+                            accelerator)["eval"]
+    correct = [0.0 if math.isnan(v) else v for v in correct]
     acc = torch.tensor(correct, device=accelerator.device)
     return accelerator.gather(acc).float().mean().item(), list(zip(rows, texts, correct))
 

@@ -103,7 +103,10 @@ def load_image(value, min_pixels, max_pixels, patch=14):
             except ValueError as e:  # binascii.Error
                 raise ValueError(f"unreadable image (a data: URI that is not base64: {e})") from e
         elif isinstance(value, str) and value.startswith(("http://", "https://")):
-            value = fetch_image({"image": value})  # qwen-vl-utils downloads it (needs the network)
+            import requests  # the bytes as served (qwen-vl-utils' own fetch resizes before the size is known: the
+            response = requests.get(value, timeout=30)  # frame of the row's boxes)
+            response.raise_for_status()
+            value = response.content
         elif isinstance(value, str):
             value = Image.open(value.removeprefix("file://"))
         if isinstance(value, (bytes, bytearray)):

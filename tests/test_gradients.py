@@ -34,11 +34,12 @@ def naive_logps(model, prompt, completion, temperature, suppressed):
 
 
 def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=0.2, max_grad_norm=0.0, lr=LR,
-               tis_cap=None, lora=False):
+               tis_cap=None, lora=False, sequence_ratio=False, kl="k3"):
     """The weights after `step` done by hand, starting from the checkpoint before it. tis_cap: each token's
     policy-gradient term weighs min(p_old / p_sampler, tis_cap), p_sampler from the rollout engine's log-probs.
     lora: the model is peft's own PeftModel of the base and the checkpoint's adapter (its trainable parameters
-    the adapters); the reference is the base."""
+    the adapters); the reference is the base. sequence_ratio: GSPO's ratio, exp of the mean of the sequence's
+    log-ratios, on each of its tokens; kl: k1, k2 or k3 (the estimator beta weighs)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     import run_with_reward
     from utils import cut_at_eos, vision_token_ids
@@ -76,13 +77,13 @@ def naive_step(out, step, loss_type, mu, beta, max_len, G, temperature=1.0, eps=
         for i, (p, c) in enumerate(seqs):
             before = {n: w.grad.clone() if w.grad is not None else None for n, w in model.named_parameters()}
             logp = naive_logps(model, p, c, temperature, suppressed)
-            ratio = torch.exp(logp - old[i])
-            per_tok = -torch.minimum(ratio * adv[i], ratio.clamp(1 - eps, 1 + eps) * adv[i])
+            ratio = torch.exp((logp - old[i]).mean() if sequence_ratio else logp - old[i])
+            per_tok = -torch.minimum(ratio * adv[i], ratio.clamp(1 - eps, 1 + eps) * adv[i]) * torch.ones_like(logp)
             if tis_cap:
                 per_tok = per_tok * torch.exp(old[i] - sampler[i]).clamp(max=tis_cap)
             if beta:
                 d = refs[i] - logp
-                per_tok = per_tok + beta * (torch.exp(d) - d - 1)
+                per_tok = per_tok + beta * {"k1": -d, "k2": d ** 2 / 2, "k3": torch.exp(d) - d - 1}[kl]
             norm = {"grpo": len(c) * n_seq, "dapo": n_tok, "dr_grpo": n_seq * max_len}[loss_type]
             (per_tok.sum() / norm).backward()
             for n, w in model.named_parameters():
@@ -104,12 +105,12 @@ def weights(path):
 
 
 def assert_update_is_the_full_batch_gradient(out, loss_type, mu, beta, max_len, G, n_expected, step=2,
-                                             max_grad_norm=0.0, lr=LR, tis_cap=None):
+                                             max_grad_norm=0.0, lr=LR, tis_cap=None, **options):
     before = weights(os.path.join(out, f"checkpoint-{step - 1}"))
     after = weights(os.path.join(out, "final") if not os.path.isdir(os.path.join(out, f"checkpoint-{step}"))
                     else os.path.join(out, f"checkpoint-{step}"))
     naive, n_seq, magnitude = naive_step(out, step, loss_type, mu, beta, max_len, G, max_grad_norm=max_grad_norm,
-                                         lr=lr, tis_cap=tis_cap)
+                                         lr=lr, tis_cap=tis_cap, **options)
     assert n_seq == n_expected
     got = torch.cat([(after[k] - before[k]).flatten() for k in sorted(before)]).double()
     want = torch.cat([(naive[k].detach() - before[k]).flatten() for k in sorted(before)]).double()
@@ -383,3 +384,14 @@ def test_offloaded_step_equals_the_naive_full_batch_gradient(tmp_path):
     p = grad_check(out, 2, "dapo", 1, 0.0, ["--rollout", "hf", "--offload", "all"])
     assert "offload" in p.stdout + p.stderr  # DeepSpeed took the offload config (it logs it)
     assert_update_is_the_full_batch_gradient(out, "dapo", 1, 0.0, 8, 4, n_expected=16)
+
+
+@pytest.mark.slow
+def test_a_gspo_step_with_the_k2_estimator_equals_the_naive_full_batch_gradient(tmp_path):
+    """--importance_sampling_level sequence (GSPO) and --kl_estimator k2 through the real loop (one process, mu 2
+    so the ratio moves from 1, beta > 0): the step is the naive one of those formulas. With the flags dropped on
+    their way to the loss (update_policy), the step is the token-level k3 one and this fails."""
+    out = str(tmp_path / "run")
+    grad_check(out, 1, "grpo", 2, 0.1, ["--rollout", "hf", "--importance_sampling_level", "sequence",
+                                         "--kl_estimator", "k2"])
+    assert_update_is_the_full_batch_gradient(out, "grpo", 2, 0.1, 8, 4, n_expected=16, sequence_ratio=True, kl="k2")

@@ -37,6 +37,9 @@ B = [10.0, 20.0, 30.0, 40.0]
     ('[nan, 20, 30, 40]', []), ('{"bbox_2d": [1e999, 2, 3, 4]}', []), ('{"bbox_2d": [true, 2, 3, 4]}', []),
     ('{"bbox_2d": ["a", 2, 3, 4]}', []), ('{"bbox_2d": null}', []), ('{}', []), ('[]', []), ('null', []),
     ('<answer></answer>', []), ('<answer>[1, 2</answer>', []),
+    ('[10, 20, 30, 40] <answer></answer>', []),  # an empty answer gives no box (not the one before it)
+    ('{"red square": [10, 20, 30, 40]}', [B]), ('{"objects": [{"bbox_2d": [10, 20, 30, 40]}]}', [B]),  # other keys
+    ('[1' + '0' * 400 + ', 0, 10, 10]', []), ('{"bbox_2d": [1' + '0' * 400 + ', 0, 1, 1]}', []),  # no float holds it
     (None, []), ({"content": "[10, 20, 30, 40]"}, [B]),  # a chat message
 ])
 def test_parse_boxes(text, expected):
@@ -46,9 +49,18 @@ def test_parse_boxes(text, expected):
 @pytest.mark.parametrize("solution, expected", [
     ([10, 20, 30, 40], [B]), ("[10, 20, 30, 40]", [B]), ([[10, 20, 30, 40], [1, 2, 3, 4]], [B, [1, 2, 3, 4]]),
     ('{"bbox_2d": [30, 40, 10, 20]}', [B]), ("", []), (None, []), ([], []), ("[1, 2]", []), (7, []),
+    ("left of 10 20 30 40", []),  # prose is no reference box (the last-four-numbers reading is for answers)
 ])
 def test_solution_boxes(solution, expected):
     assert solution_boxes(solution) == expected
+
+
+def test_a_row_without_an_image_has_no_box_frame_and_scores_none():
+    """A text-only row in a grounding run: its boxes have no frame to be read in; None (compute_rewards counts it
+    0 and names the reward once), not a number from a wrong frame."""
+    for fn in (iou_reward, boxes_reward, box_f1_reward):
+        assert fn(["[0, 0, 50, 50]"] * 2, ["[0, 0, 50, 50]"] * 2, image_size=[None, [100, 100]],
+                  model_image_size=[None, [100, 100]], box_frame=["pixels"] * 2) == [None, 1.0]
 
 
 def test_box_iou_by_hand():
@@ -109,6 +121,7 @@ def test_matching_is_optimal_where_greedy_is_not():
 
 WEIRD = ["", None, 3, [], {}, {"content": None}, "(" * 5000, "[" * 20000, "{" * 20000, "[1," * 5000,
          "(1,2),(3," * 3000, "9" * 100000, "<answer>" * 1000, "[1e308, 1e308, -1e308, -1e308]",
+         "(1,1)" + " " * 19990, "(1,1)" + "\n" * 19990 + "(2,2)", "[1" + "0" * 400 + ", 0, 10, 10]",
          '{"bbox_2d": [1, 2, 3, 4]' * 1000, "\ud800[1,2,3,4]", "🤖" * 100, "-" * 10000 + "1 2 3 4"]
 
 
@@ -120,8 +133,10 @@ def test_box_rewards_never_raise_and_stay_in_0_1(fn):
         n = len(WEIRD)
         values = fn(WEIRD, [GOLD] * n, image_size=[size] * n, model_image_size=[[112, 84]] * n,
                     box_frame=[frame] * n)
-        assert len(values) == n and all(type(v) is float and 0.0 <= v <= 1.0 for v in values), values
-    assert time.time() - t < 10, "the parsers must stay linear in the text's length"
+        assert len(values) == n and all(v is None if size is None else type(v) is float and 0.0 <= v <= 1.0
+                                        for v in values), values
+    # linear parsers take ~0.05 s for all of it; a quadratic one took 4.5 s here (a pair then 20k spaces)
+    assert time.time() - t < 2, "the parsers must stay linear in the text's length"
 
 
 @pytest.mark.parametrize("length, expected", [(0, 0.0), (80, 0.0), (85, -0.25), (90, -0.5), (100, -1.0)])
@@ -167,7 +182,11 @@ def test_each_family_s_answer_for_the_box_scores_1_through_the_processor_s_resiz
     row = {"image": img, "problem": "Where is the red square?", "solution": json.dumps(box)}
     prompt = build_prompt(processor, row, cfg)
     assert prompt["image_size"] == [150, 100]
-    assert prompt["model_image_size"] != [150, 100]  # resized: the frame conversion is exercised
+    # the size the model saw, independently of how build_prompt computes it: the pixels the processor encoded
+    patch = 16 if kind == "qwen3_vl" else 14
+    t, gh, gw = prompt["image_grid_thw"][0].tolist()
+    assert prompt["pixel_values"].shape[0] == t * gh * gw
+    assert prompt["model_image_size"] == ([352, 224] if kind == "qwen3_vl" else [140, 112]) == [gw * patch, gh * patch]
     shifted = [box[0] + 10, box[1], box[2] + 10, box[3]]
     texts = [family_answer(kind, box, prompt), family_answer(kind, shifted, prompt),
              family_answer("qwen2_vl" if kind == "qwen2_5_vl" else "qwen2_5_vl", box, prompt)]
@@ -177,6 +196,27 @@ def test_each_family_s_answer_for_the_box_scores_1_through_the_processor_s_resiz
         assert per[name][0] == pytest.approx(1.0, abs=1e-9), (kind, name, per[name])
         assert per[name][1] == pytest.approx(50 / 70, abs=1e-9), (kind, name, per[name])
         assert per[name][2] < 0.9, (kind, name, per[name])
+
+
+def test_an_image_from_a_url_keeps_its_own_size_as_the_frame_of_its_boxes(tmp_path):
+    """An image served over HTTP (a local server here): its original size is the one served, not that of a copy
+    resized on the way in (qwen-vl-utils' fetch resized before the size was read: a perfect answer scored 0.1)."""
+    import functools
+    import http.server
+    import threading
+    from PIL import Image
+    from utils import load_image
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "small.png")
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "coco.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name, size in (("small.png", (40, 30)), ("coco.png", (640, 480))):
+            image = load_image(f"http://127.0.0.1:{server.server_port}/{name}", 3136, 200704)
+            assert image.info["original_size"] == size and image.size != size
+    finally:
+        server.shutdown()
 
 
 def test_the_built_in_grounding_data_s_boxes_are_where_the_shapes_are():

@@ -561,12 +561,12 @@ def test_dynamic_sampling_draws_again_while_groups_are_all_equal_and_keeps_the_s
 
 
 @pytest.mark.slow
-def test_a_tiny_model_learns_to_answer_the_grounding_task_with_boxes(tmp_path):
+def test_a_tiny_model_learns_the_grounding_task_s_answer_format(tmp_path):
     """The grounding task at its smallest (utils.make_grounding_dataset: one shape in a quadrant of a 56 x 56 image;
     Qwen2.5-VL's frame, pixels) scored by iou alone: a random tiny model writes few numbers and its mean IoU over the
     first 5 steps is 0.006; over steps 21-30 it is 0.072 (measured; 0.060 over steps 101-138 of a longer run). It
-    has learnt to answer with boxes that overlap the shape, not yet where the shape is: a box over the whole image,
-    blind to it, scores 0.18."""
+    has learnt to answer with boxes that overlap the shape, not where the shape is: a box over the whole image,
+    blind to it, scores 0.18, the top-left quadrant's box 0.27."""
     from utils import make_grounding_dataset
     rows = make_grounding_dataset(64, seed=0, size=(56, 56), radius=12, grid=(2, 2), objects=(1, 1))
     for i, r in enumerate(rows):
@@ -580,3 +580,26 @@ def test_a_tiny_model_learns_to_answer_the_grounding_task_with_boxes(tmp_path):
          "--save_steps", "0", "--eval_steps", "0", "--trainable", "all"])
     iou = [m["reward/iou"] for m in metrics(out)]
     assert sum(iou[:5]) / 5 < 0.02 and sum(iou[20:]) / 10 > 0.04, iou
+
+
+def test_grounding_with_every_loss_option_runs_and_evaluates_iou(tmp_path):
+    """--dataset grounding with the box and overlong rewards, every 2025-26 loss option on at once and an eval each
+    step: the loop runs them together and logs what each adds (their formulas: test_grpo_math; their wiring into
+    the step: test_gradients' GSPO step)."""
+    out = str(tmp_path / "g")
+    run([PY, "main.py", "--model", "tiny", "--rollout", "hf", "--dataset", "grounding", "--output_dir", out,
+         "--steps", "2", "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
+         "--rewards", "iou,boxes,box_f1,format,overlong", "--eval_steps", "1", "--eval_size", "4", "--save_steps", "0",
+         "--importance_sampling", "true", "--importance_sampling_mode", "sequence_mask",
+         "--importance_sampling_level", "sequence", "--kl_estimator", "k3+", "--beta", "0.04",
+         "--mask_truncated_completions", "true", "--dynamic_sampling", "true", "--dynamic_sampling_tries", "1",
+         "--mu", "2"])
+    ms = metrics(out)
+    assert [m["step"] for m in ms] == [1, 2]
+    for m in ms:
+        for key in ("reward/iou", "reward/boxes", "reward/box_f1", "reward/overlong", "eval_accuracy", "entropy",
+                    "mismatch_kl", "is_ratio_mean", "is_masked_frac", "zero_std_frac", "dynamic_sampling_draws"):
+            assert key in m and math.isfinite(m[key]), (key, m)
+        assert m["reward/overlong"] == -1.0  # every completion of the random model runs to the limit
+    with open(os.path.join(out, "eval_completions.jsonl")) as f:
+        assert all(0.0 <= json.loads(line)["correct"] <= 1.0 for line in f)
