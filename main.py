@@ -85,7 +85,7 @@ class Config:
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA's scale: the adapters add lora_alpha / lora_rank x B A (0: 2 x lora_rank)"})
     lora_targets: str = field(default="language", metadata={"help": "the layers LoRA adapts: language (the language model's attention and MLP projections), all (the vision blocks' too), or a regex of module names (peft's target_modules)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
-    offload: str = field(default="none", metadata={"help": "DeepSpeed's ZeRO-Offload: optimizer (the float32 master weights and Adam state in host memory, the step on the CPU), all (the weights too, between uses; ZeRO-3), none", "choices": ("none", "optimizer", "all")})
+    offload: str = field(default="none", metadata={"help": "DeepSpeed's ZeRO-Offload: optimizer (the float32 master weights and Adam state in host memory, the step on the CPU), params (the weights too, between uses; ZeRO-3), none", "choices": ("none", "optimizer", "params")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (compiled at the first step, again at the first padded batch); auto: on GPUs unless under ZeRO-3 (true there is refused)", "choices": ("auto", "true", "false")})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
@@ -222,8 +222,8 @@ def check_config(cfg):
     if cfg.lora_rank and cfg.zero_stage == "3":
         problems.append("--lora_rank with --zero_stage 3: LoRA runs under ZeRO-2 (the adapters' optimizer state is "
                         "small; each copy to vLLM merges whole base weights); give --zero_stage 2 or auto")
-    if cfg.offload == "all" and (cfg.zero_stage == "2" or cfg.lora_rank):
-        problems.append("--offload all keeps the weights in host memory between uses, which only ZeRO-3 does: give "
+    if cfg.offload == "params" and (cfg.zero_stage == "2" or cfg.lora_rank):
+        problems.append("--offload params keeps the weights in host memory between uses, which only ZeRO-3 does: give "
                         "--zero_stage 3 or auto" + (" and no --lora_rank (LoRA runs under ZeRO-2; --offload "
                                                      "optimizer works with it)" if cfg.lora_rank else ""))
     if cfg.lora_rank and cfg.trainable != "language":
@@ -304,7 +304,7 @@ STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
 BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0,
                       "importance_sampling_level": "token", "kl_estimator": "k3", "mask_truncated_completions": False,
                       "importance_sampling_mode": "token_truncate", "overlong_buffer": 0,
-                      "dynamic_sampling": False, "dynamic_sampling_tries": 4}
+                      "dynamic_sampling": False, "dynamic_sampling_tries": 4, "offload": "none"}
 # flags that change nothing in the math of a run: a resumed run may change them
 # (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
@@ -679,7 +679,7 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     GiB of peak memory). CPU runs keep ZeRO-3."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
-    if cfg.offload == "all":  # the weights in host memory: ZeRO-3's partitions
+    if cfg.offload == "params":  # the weights in host memory: ZeRO-3's partitions
         return 3
     if cfg.lora_rank:  # the base is frozen and whole on each rank (check_flags refuses ZeRO-3 with LoRA)
         return 2
@@ -729,7 +729,7 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
         if cfg.offload != "none":  # host memory, pinned on GPUs; the torch optimizer steps there (no CPUAdam build)
             where = {"device": "cpu", "pin_memory": accelerator.device.type == "cuda"}
             zero["offload_optimizer"] = where
-            if cfg.offload == "all":
+            if cfg.offload == "params":
                 zero["offload_param"] = dict(where)
             ds_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         if zero["stage"] == 3:

@@ -376,12 +376,12 @@ def test_a_lora_step_equals_the_naive_peft_step(tmp_path, processes):
 
 @pytest.mark.slow
 def test_offloaded_step_equals_the_naive_full_batch_gradient(tmp_path):
-    """--offload all (ZeRO-Offload: the float32 master weights, the optimizer's state and step, and the weights
+    """--offload params (ZeRO-Offload: the float32 master weights, the optimizer's state and step, and the weights
     between uses in host memory) on 2 ZeRO-3 processes: the same step as without it. On this CPU machine the
     device memory is host memory too, so this proves the wiring and the update, not the memory saved (README,
     Measured)."""
     out = str(tmp_path / "run")
-    p = grad_check(out, 2, "dapo", 1, 0.0, ["--rollout", "hf", "--offload", "all"])
+    p = grad_check(out, 2, "dapo", 1, 0.0, ["--rollout", "hf", "--offload", "params"])
     assert "offload" in p.stdout + p.stderr  # DeepSpeed took the offload config (it logs it)
     assert_update_is_the_full_batch_gradient(out, "dapo", 1, 0.0, 8, 4, n_expected=16)
 

@@ -30,6 +30,11 @@ BAD_FLAGS = [
     (["--lora_rank", "8", "--trainable", "all"], "--trainable all with --lora_rank: LoRA trains its adapters only"),
     (["--lora_rank", "-1"], "--lora_rank -1 --lora_alpha 0.0: give a rank >= 1"),
     (["--lora_rank", "4", "--lora_targets", "(q_proj"], "--lora_targets '(q_proj': not a regex"),
+    (["--offload", "params", "--zero_stage", "2"], "--offload params keeps the weights in host memory between uses, "
+                                                    "which only ZeRO-3 does: give --zero_stage 3 or auto"),
+    (["--dynamic_sampling", "true", "--overlap", "true"], "--dynamic_sampling draws more rollouts within a step"),
+    (["--dataset", "grounding"], "--dataset grounding answers with boxes"),
+    (["--overlong_buffer", "600"], "--overlong_buffer 600: tokens before --max_completion_length 512"),
     (["--video_fps", "0"], "--video_fps 0.0: frames a second must be > 0"),
     (["--min_pixels", "300000"], "--min_pixels 300000 --max_pixels 200704: need 0 < min_pixels <= max_pixels"),
     # Qwen3-VL's 16-pixel patches: a token is 32x32 (Qwen2-VL's 28x28 fits); before, every image failed to resize
