@@ -26,6 +26,18 @@ SHAPES, COLORS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green
                                                      "blue": (40, 80, 220)}
 
 
+def draw_shape(draw, shape, color, x, y, r):
+    """A circle, square or triangle of `color` centred at (x, y), r from its centre to its box's sides; its box."""
+    box = [x - r, y - r, x + r, y + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+    return box
+
+
 def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
     """Synthetic visual counting: a few shapes of a few colours; 'How many red circles are there?' -> '2'."""
     if not 1 <= max_count <= 16:
@@ -42,14 +54,7 @@ def make_counting_dataset(n, seed=0, image_size=112, max_count=4):
         r = max(4, image_size // 14)
         cells = rng.sample([(x, y) for x in range(4) for y in range(4)], len(objects))  # no overlaps
         for (color, shape), (cx, cy) in zip(objects, cells):
-            x, y = (cx + 0.5) * image_size / 4, (cy + 0.5) * image_size / 4
-            box = (x - r, y - r, x + r, y + r)
-            if shape == "circle":
-                draw.ellipse(box, fill=COLORS[color])
-            elif shape == "square":
-                draw.rectangle(box, fill=COLORS[color])
-            else:
-                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+            draw_shape(draw, shape, color, (cx + 0.5) * image_size / 4, (cy + 0.5) * image_size / 4, r)
         count = sum(o == target for o in objects)
         rows.append({"image": img, "problem": f"How many {target[0]} {target[1]}s are there?",
                      "solution": str(count)})
@@ -71,15 +76,8 @@ def make_grounding_dataset(n, seed=0, size=(112, 84), radius=10, grid=(4, 3), ob
         cells = rng.sample([(x, y) for x in range(gw) for y in range(gh)], len(shapes))
         boxes = []
         for (color, shape), (cx, cy) in zip(shapes, cells):
-            x, y = round((cx + 0.5) * w / gw), round((cy + 0.5) * h / gh)
-            box = (x - radius, y - radius, x + radius, y + radius)
-            if shape == "circle":
-                draw.ellipse(box, fill=COLORS[color])
-            elif shape == "square":
-                draw.rectangle(box, fill=COLORS[color])
-            else:
-                draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLORS[color])
-            boxes.append(list(box))
+            boxes.append(draw_shape(draw, shape, color, round((cx + 0.5) * w / gw), round((cy + 0.5) * h / gh),
+                                    radius))
         rows.append({"image": img, "problem": f"Where is the {shapes[0][0]} {shapes[0][1]}? Give its box.",
                      "solution": json.dumps(boxes[0])})
     return rows
