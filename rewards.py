@@ -218,10 +218,8 @@ def parse_boxes(text, loose=True):
             loose = False
         except (ValueError, RecursionError):  # not JSON, or nested past the decoder's depth: the regexes read it
             pass
-    found = [(m.start(), m.groups()) for m in PAIR_RE.finditer(text)]
-    taken = [(m.start(), m.end()) for m in PAIR_RE.finditer(text)]
-    found += [(m.start(), m.groups()) for m in QUAD_RE.finditer(text)
-              if not any(a <= m.start() < b for a, b in taken)]
+    # (the two patterns never overlap: inside a pair each bracket holds two numbers, a quad's four)
+    found = [(m.start(), m.groups()) for regex in (PAIR_RE, QUAD_RE) for m in regex.finditer(text)]
     boxes = [b for _, g in sorted(found)[:MAX_BOXES] if (b := as_box(g)) is not None]
     if not boxes and loose:  # 'x1=10 y1=20 x2=30 y2=40', '10 20 30 40': the last four numbers (a small model's)
         numbers = NUMBER_IN_TEXT_RE.findall(text[-200:])

@@ -741,6 +741,10 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
         if accelerator.is_main_process:
             open(metrics_path, "w").close()
             write_jsonl(metrics_path, history)
+    def scored(batch):  # (texts, {reward: values}, rewards, advantages) of a rollout batch
+        texts = tok.batch_decode(batch[2], skip_special_tokens=True)
+        return texts, *score(batch[0], texts, reward_funcs, weights, cfg, accelerator, batch[1],
+                             [len(c) for c in batch[2]])
     first = history[-1]["step"] + 1 if history else 1
     bar = tqdm(range(first, cfg.steps + 1), desc="GRPO", disable=not accelerator.is_main_process,
                dynamic_ncols=True, initial=first - 1, total=cfg.steps)
@@ -758,11 +762,6 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
             next_batch = rollout(sampler, generate, cfg, eos_ids, tok.pad_token_id, background=True,
                                  sync_follows=sync_weights is not None, accelerator=accelerator)
         t_gen = time.time()
-
-        def scored(batch):  # (texts, {reward: values}, rewards, advantages) of a rollout batch
-            texts = tok.batch_decode(batch[2], skip_special_tokens=True)
-            return texts, *score(batch[0], texts, reward_funcs, weights, cfg, accelerator, batch[1],
-                                 [len(c) for c in batch[2]])
         texts, per_reward, rewards, advantages = scored(batch)
         zero_std_frac = 1 - informative_groups(rewards, G).float().mean().item()
         draws, t_draws = 0, 0.0
