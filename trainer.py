@@ -34,6 +34,7 @@ from rewards import RewardError, accuracy_reward, compute_rewards, extract_answe
 from utils import VISUALS, DataError, collate, cut_at_eos, save_thumbnail, write_jsonl, write_report
 
 GRIDS = tuple(grid for _, grid, _ in VISUALS)  # image_grid_thw, video_grid_thw
+BOX_COLUMNS = ("image_size", "model_image_size", "box_frame")  # what build_prompt gives the box rewards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,7 +521,7 @@ def score(rows, texts, reward_funcs, weights, cfg, accelerator=None, prompts=Non
     (overlong_reward)."""
     G = cfg.num_generations
     columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "image"}
-    for k in ("image_size", "model_image_size", "box_frame"):
+    for k in BOX_COLUMNS:
         columns[k] = [p.get(k) for p in prompts for _ in range(G)] if prompts else [None] * len(texts)
     columns.update(completion_length=list(lengths) if lengths is not None else [None] * len(texts),
                    max_completion_length=[getattr(cfg, "max_completion_length", None)] * len(texts),
@@ -674,7 +675,7 @@ def evaluate(eval_prompts, generate, tok, eos_ids, accelerator, reward=accuracy_
     samples, _ = generate(prompts, 1)
     texts = tok.batch_decode([cut_at_eos(s[0], eos_ids)[0] for s in samples], skip_special_tokens=True)
     columns = {"solution": [r["solution"] for r in rows],
-               **{k: [p.get(k) for p in prompts] for k in ("image_size", "model_image_size", "box_frame")}}
+               **{k: [p.get(k) for p in prompts] for k in BOX_COLUMNS}}
     # as training scores: a reward that fails stops every rank with its name; None (no image to box) counts 0
     correct = on_every_rank(lambda: compute_rewards({"eval": reward}, texts, columns), RewardError,
                             accelerator)["eval"]
