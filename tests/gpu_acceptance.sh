@@ -11,8 +11,9 @@
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
 # bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
 # to a layout's train.sh (e.g. "--compile false"), MODEL another shape of tests/make_random_model.py (e.g.
-# qwen3-vl-2b). Each leaves its log, metrics.jsonl and nvidia-smi samples in OUT and prints the step split,
-# completions/s and per-GPU peaks.
+# qwen3-vl-2b, or a folder of the assets: Qwen2.5-VL-3B-Instruct); one GPU: GPUS=0 with 7b (TRAIN_ARGS="--trainable
+# language --lora_rank 16": LoRA) or colocate (TRAIN_ARGS="--offload optimizer"). Each leaves its log, metrics.jsonl
+# and nvidia-smi samples in OUT and prints the step split, completions/s and per-GPU peaks.
 # A layout refuses to start on GPUs that other processes hold (a run killed by `timeout` leaves its launcher and
 # engine behind: stop runs with kill -- -PGID, or let them end). The device tool returns few files: tar OUT.
 set -uo pipefail
@@ -32,7 +33,9 @@ if [ -n "$busy" ]; then
 fi
 src=$assets/Qwen2-VL-2B-Instruct; model=/tmp/qwen2-vl-2b-random
 [ "$what" = 7b ] && src=$assets/Qwen2.5-VL-7B-Instruct && model=/tmp/qwen2.5-vl-7b-random
-[ -n "${MODEL:-}" ] && src=$MODEL && model=/tmp/$MODEL-random  # MODEL=qwen3-vl-2b: another make_random_model shape
+if [ -n "${MODEL:-}" ]; then  # MODEL=qwen3-vl-2b: another make_random_model shape; or a folder of $assets
+  src=$MODEL; [ -d "$assets/$MODEL" ] && src=$assets/$MODEL; model=/tmp/$MODEL-random
+fi
 if [ "$what" != tests ] && [ ! -f $model/config.json ]; then
   CUDA_VISIBLE_DEVICES=$first $py tests/make_random_model.py $src $model.tmp && mv $model.tmp $model
 fi

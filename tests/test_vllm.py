@@ -1,5 +1,6 @@
 """vLLM (the CPU backend here, CUDA on the GPU machine): rollouts and the weight copy, checked by parity between
 vLLM's sampling log-probs and the trainer's log-probs of the same tokens."""
+import math
 import os
 
 import pytest
@@ -34,7 +35,11 @@ def engine(tmp_path_factory, request):
     processor = load_processor(path, cfg)  # images within --min/max_pixels, as training resizes them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if layout == "own_gpu" else visible[0],
-                     colocate=layout == "colocate", videos=True)
+                     colocate=layout == "colocate", videos=True, sequences=10)
+    if layout != "own_gpu":  # sharing memory with the trainer, the KV cache holds the 10 sequences we sample at once
+        cache = llm.llm_engine.vllm_config.cache_config  # and not a share of the memory (vLLM's own block arithmetic)
+        per_sequence = math.ceil((cfg.max_prompt_length + cfg.max_completion_length) / cache.block_size)
+        assert 10 <= (cache.num_gpu_blocks - 1) // per_sequence < 40, (cache.num_gpu_blocks, cache.block_size)
     assert (llm.weight_group is not None) == (layout == "own_gpu")  # NCCL exactly where it applies
     assert llm.weight_transfer == {"cpu": "file", "colocate": "ipc", "own_gpu": "nccl"}[layout]
     rows = make_counting_dataset(3, seed=5)
