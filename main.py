@@ -85,7 +85,7 @@ class Config:
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA's scale: the adapters add lora_alpha / lora_rank x B A (0: 2 x lora_rank)"})
     lora_targets: str = field(default="language", metadata={"help": "the layers LoRA adapts: language (the language model's attention and MLP projections), all (the vision blocks' too), or a regex of module names (peft's target_modules)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
-    offload: str = field(default="none", metadata={"help": "DeepSpeed's ZeRO-Offload: optimizer (the float32 master weights and Adam state in host memory, the step on the CPU), params (the weights too, between uses; ZeRO-3), none", "choices": ("none", "optimizer", "params")})
+    offload: str = field(default="auto", metadata={"help": "DeepSpeed's ZeRO-Offload: optimizer (the float32 master weights and Adam state in host memory, the step on the CPU), params (the weights too, between uses; ZeRO-3), none; auto: optimizer where full fine-tuning's state would take over 0.6 of a GPU even under ZeRO-3, else none", "choices": ("auto", "none", "optimizer", "params")})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward to save memory"})
     compile: str = field(default="auto", metadata={"help": "torch.compile the language model's decoder layers (policy and reference: fused kernels, fewer launches) and, on GPUs, the LM head's passes over the logits (compiled at the first step, again at the first padded batch); auto: on GPUs unless under ZeRO-3 (true there is refused)", "choices": ("auto", "true", "false")})
     attn_implementation: str = field(default="auto", metadata={"help": "flash_attention_2 when installed on a GPU, else sdpa; or name one"})
@@ -500,12 +500,13 @@ def build_optimizer(params, cfg):
 def set_trainable(model, trainable):
     """all | language (vision tower frozen) | mlp (language-model MLPs only, as the seed repo did)."""
     for name, p in model.named_parameters():
-        if trainable == "all":
-            p.requires_grad_(True)
-        elif trainable == "language":
-            p.requires_grad_(".visual." not in f".{name}")
-        else:
-            p.requires_grad_(".mlp." in name and ".visual." not in f".{name}")
+        p.requires_grad_(trains(name, trainable))
+
+
+def trains(name, trainable):
+    """Whether --trainable `trainable` trains the parameter `name`."""
+    vision = ".visual." in f".{name}"
+    return trainable == "all" or (trainable == "language" and not vision) or (".mlp." in name and not vision)
 
 
 def main(cfg):
@@ -579,6 +580,9 @@ def main(cfg):
                                        videos)
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
+        offloaded = [k.split("_")[1] for k in ("offload_optimizer", "offload_param") if ds_plugin is not None and
+                     ds_plugin.deepspeed_config["zero_optimization"].get(k, {}).get("device", "none") != "none"]
+        zero += f", {' and '.join(offloaded)} offloaded to the CPU" if offloaded else ""
         zero += ", compiled layers" if model.model.language_model.layers[0]._compiled_call_impl is not None else ""
         engine = "transformers generate"
         if llm is not None:
@@ -671,7 +675,28 @@ def make_accelerator(cfg):
     return accelerator
 
 
-def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
+def resolve_offload(cfg, model, world, gpu_bytes, host_bytes, on_node=1):
+    """--offload, with auto resolved: the optimizer's state (fp32 master weights, Adam's two moments: 12 bytes a
+    trained weight) to host memory where, with the bf16 weights and gradients, it would take over 0.6 of each GPU
+    (`gpu_bytes`; 0: no GPU) even sharded over the `world` ranks (ZeRO-3), leaving too little for activations and a
+    colocated vLLM; else none. LoRA's few trained weights never need it. Offloaded, the node's `on_node` ranks
+    keep 16 bytes a trained weight in host memory (master weights, their fp32 gradients, Adam): where
+    `host_bytes` (available) cannot hold them, the run stops here with the sizes and the ways out."""
+    trained = sum(p.numel() for name, p in model.named_parameters() if trains(name, cfg.trainable))
+    offload = cfg.offload
+    if offload == "auto":
+        need = (2 * sum(p.numel() for p in model.parameters()) + 14 * trained) / world
+        offload = "optimizer" if gpu_bytes and not cfg.lora_rank and need > 0.6 * gpu_bytes else "none"
+    host = 16 * trained / world * on_node
+    if offload != "none" and not cfg.lora_rank and host > host_bytes:
+        user_error(f"--offload {cfg.offload}: the optimizer's state of {trained / 1e9:.2f}B trained weights takes "
+                   f"{host / 1e9:.0f} GB of host memory here ({on_node} training process(es) on this machine), "
+                   f"{host_bytes / 1e9:.0f} GB is available: train fewer weights (--lora_rank, --trainable "
+                   "language or mlp) or spread the run over more machines")
+    return offload
+
+
+def zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage=None):
     """--zero_stage, with auto resolved: ZeRO-2 where a rank's whole copy takes under half of its GPU (bf16
     weights and gradients, its share of the fp32 weights and Adam state, the reference's bf16 weights), leaving
     the rest to activations; else ZeRO-3. ZeRO-2 skips ZeRO-3's per-module gathers, whose Python hooks made the 2B model's
@@ -679,7 +704,7 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     GiB of peak memory). CPU runs keep ZeRO-3."""
     if cfg.zero_stage != "auto":
         return int(cfg.zero_stage)
-    if cfg.offload == "params":  # the weights in host memory: ZeRO-3's partitions
+    if offload == "params":  # the weights in host memory: ZeRO-3's partitions
         return 3
     if cfg.lora_rank:  # the base is frozen and whole on each rank (check_flags refuses ZeRO-3 with LoRA)
         return 2
@@ -688,7 +713,7 @@ def zero_stage(cfg, model, ref_model, accelerator, resumed_stage=None):
     if accelerator.device.type != "cuda":
         return 3
     n = sum(p.numel() for p in model.parameters())
-    optimizer_bytes = 0 if cfg.offload == "optimizer" else 12 / accelerator.num_processes  # fp32 master, Adam
+    optimizer_bytes = 0 if offload == "optimizer" else 12 / accelerator.num_processes  # fp32 master, Adam
     need = n * (2 + 2 + optimizer_bytes + (2 if ref_model is not None else 0))
     return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
 
@@ -720,16 +745,21 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
                                           train_batch_size=cfg.micro_batch_size * n_micro * accelerator.num_processes,
                                           zero_allow_untested_optimizer=True)  # any torch optimizer
         zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
-        zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, resumed_stage)
+        import psutil
+        gpu_bytes = torch.cuda.get_device_properties(accelerator.device).total_memory if \
+            accelerator.device.type == "cuda" else 0
+        offload = resolve_offload(cfg, model, accelerator.num_processes, gpu_bytes, psutil.virtual_memory().available,
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage)
         bf16 = ds_plugin.deepspeed_config.get("bf16", {}).get("enabled") in (True, "true")
         if bf16:  # DeepSpeed adds micro-batches' (and ranks') bf16 gradients in bf16 unless told: 2^-9 per addition
             ds_plugin.deepspeed_config["data_types"] = {"grad_accum_dtype": "fp32"}
             if accelerator.num_processes > 1:
                 ds_plugin.deepspeed_config["communication_data_type"] = "fp32"
-        if cfg.offload != "none":  # host memory, pinned on GPUs; the torch optimizer steps there (no CPUAdam build)
+        if offload != "none":  # host memory, pinned on GPUs; the torch optimizer steps there (no CPUAdam build)
             where = {"device": "cpu", "pin_memory": accelerator.device.type == "cuda"}
             zero["offload_optimizer"] = where
-            if cfg.offload == "params":
+            if offload == "params":
                 zero["offload_param"] = dict(where)
             ds_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         if zero["stage"] == 3:
