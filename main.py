@@ -25,6 +25,7 @@ import torch
 import trainer
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
+from policy import LogProbModel
 from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
                      overlong_reward)
 from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, vision_token_ids,
@@ -794,16 +795,16 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
                 layer.compile(dynamic=True)  # lengths change every step: no recompile for each
     suppressed = vision_token_ids(model.config, processor.tokenizer)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    # DeepSpeed wraps the log-prob model (trainer.LogProbModel): every forward of the loss goes through its engine
-    # a blank image row in micro-batches without an image (trainer.with_blank_image): several ranks, or ZeRO-3
+    # DeepSpeed wraps the log-prob model (policy.LogProbModel): every forward of the loss goes through its engine
+    # a blank image row in micro-batches without an image (policy.with_blank_image): several ranks, or ZeRO-3
     # (whose gradient partitions keep a stale value for a tower that got no gradient, one process too); with
     # videos in the data (`videos`) a blank video too
     blank = accelerator.num_processes > 1 or stage == 3
     scoring = dict(temperature=cfg.temperature, suppressed_ids=suppressed, top_p=cfg.top_p, blank_image=blank,
                    blank_video=blank and videos, compiled=compiled)
-    policy, optimizer = accelerator.prepare(trainer.LogProbModel(model, **scoring), optimizer)
+    policy, optimizer = accelerator.prepare(LogProbModel(model, **scoring), optimizer)
     if ref_model is not None:
-        ref_model = prepare_reference(trainer.LogProbModel(ref_model, **scoring), accelerator)
+        ref_model = prepare_reference(LogProbModel(ref_model, **scoring), accelerator)
     elif cfg.lora_rank and cfg.beta > 0:
         ref_model = trainer.without_adapters(policy, model)
     return policy, ref_model, optimizer, processor, suppressed

@@ -520,7 +520,7 @@ def collate(prompts, completions, pad_id, share_images=False):
     Images (and videos) stay with their own prompt, however many a row has: pixel rows are concatenated in sample
     order. share_images: rows of the same prompt (object) share one copy of its pixels; `image_index`
     (`video_index`) says which copy each image of each row reads (the loss's forward runs the vision tower once
-    per distinct image: trainer.shared_image_features)."""
+    per distinct image: policy.shared_image_features)."""
     P = max(p["input_ids"].shape[1] for p in prompts)
     C = max(len(c) for c in completions)
     B = len(prompts)

@@ -49,10 +49,10 @@ make_rollout = main.make_rollout
 main.make_rollout = recording_rollout
 main.build_optimizer = sgd
 if os.environ.get("HEAD_CHUNK_TOKENS"):  # the LM head's rows of logits at a time (4096 in main.py's runs)
-    import trainer
-    defaults = list(trainer.completion_logprobs.__defaults__)
+    import policy
+    defaults = list(policy.completion_logprobs.__defaults__)
     defaults[3] = int(os.environ["HEAD_CHUNK_TOKENS"])  # chunk_tokens
-    trainer.completion_logprobs.__defaults__ = tuple(defaults)
+    policy.completion_logprobs.__defaults__ = tuple(defaults)
 
 if os.environ.get("GRAD_SUM_DIR"):  # each step: the gradient DeepSpeed applied next to the float64 sum of its parts
     import trainer

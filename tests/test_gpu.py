@@ -31,11 +31,11 @@ def test_one_gpu_colocate_run_keeps_vllm_in_step_with_the_trainer(tmp_path):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16(compiled):
-    """trainer.TokenLogProbs on bf16 CUDA tensors (torch.mm with a float32 output, backward GEMMs in bf16), its
+    """policy.TokenLogProbs on bf16 CUDA tensors (torch.mm with a float32 output, backward GEMMs in bf16), its
     passes over the logits compiled or eager: log-probs within float32 round-off of a float64 head, gradients
     within bf16 round-off of float64 autograd, top-p, the temperature and suppressed tokens included."""
     import torch
-    from trainer import TokenLogProbs, logits_gradient, logsumexp, scored_logits
+    from policy import TokenLogProbs, logits_gradient, logsumexp, scored_logits
     kernels = (logsumexp, logits_gradient)
     if compiled:
         kernels = tuple(torch.compile(k, dynamic=True) for k in kernels)
@@ -62,7 +62,7 @@ def test_the_bf16_head_scores_in_float32_and_backpropagates_in_bf16(compiled):
 
 
 def test_a_micro_batch_reads_the_device_a_few_times_only(tiny_qwen2_vl):
-    """A LogProbModel forward and backward of a batch from trainer.batch_on_device synchronises with the GPU a
+    """A LogProbModel forward and backward of a batch from policy.batch_on_device synchronises with the GPU a
     handful of times (each read of a device value stalls its queue): RoPE positions and the vision tower's inputs
     come from the host. The same batch moved as it is: every vision block of every pass reads the device. Counted
     by torch's sync debug mode, which also counts copies from pageable host memory: 5 against 30 on an H200
@@ -71,7 +71,7 @@ def test_a_micro_batch_reads_the_device_a_few_times_only(tiny_qwen2_vl):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
-    from trainer import LogProbModel, batch_on_device
+    from policy import LogProbModel, batch_on_device
     from utils import build_prompt, collate, make_counting_dataset
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16).cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -2,7 +2,6 @@
 family's box frame checked end to end (a box placed on an image, the image resized by the family's processor, the
 answer that family writes for that box, scored through trainer.score); the built-in grounding data."""
 import json
-import math
 import os
 import sys
 

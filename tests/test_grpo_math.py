@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from trainer import completion_logprobs, group_advantages, grpo_loss, importance_weights
+from policy import completion_logprobs
+from trainer import group_advantages, grpo_loss, importance_weights
 
 
 # ---- naive references: one sample, one token at a time ---------------------------------------------------------
@@ -503,7 +504,7 @@ def test_top_p_logprobs_are_those_of_the_nucleus(tiny_batch):
 
 
 def test_top_p_gradient_is_that_of_the_nucleus(tiny_batch):
-    """The head's backward (trainer.TokenLogProbs: logits recomputed, the nucleus masked again) gives every
+    """The head's backward (policy.TokenLogProbs: logits recomputed, the nucleus masked again) gives every
     parameter the gradient of the naive nucleus log-probs."""
     model, batch = tiny_batch
     mask = batch["completion_mask"]
@@ -522,7 +523,7 @@ def test_lm_head_log_probs_are_float32_for_a_bf16_model(tiny_qwen2_vl, tiny_batc
     """A bf16 model: LogProbModel's head computes float32 logits from the bf16 hidden states and weights (exact
     inputs), so its log-probs match a float64 head to float32 round-off; bf16 logits were off by ~1e-3."""
     from transformers import AutoModelForImageTextToText
-    from trainer import LogProbModel
+    from policy import LogProbModel
     _, batch = tiny_batch
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "completion_mask" else v
@@ -589,12 +590,12 @@ def test_shared_images_give_the_same_logprobs_and_gradients(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
-    """trainer.rope_positions (from host copies of the inputs: on a GPU the model's own walk over the rows stalls
+    """policy.rope_positions (from host copies of the inputs: on a GPU the model's own walk over the rows stalls
     the queue several times a row) gives exactly the multimodal RoPE positions the model's forward computes
     itself, for left-padded rows with an image, without one, and of different lengths."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
-    from trainer import rope_positions
+    from policy import rope_positions
     from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
     path = build_tiny_model(str(tmp_path / kind), kind)
     inner = AutoModelForImageTextToText.from_pretrained(path).model
@@ -614,13 +615,13 @@ def test_rope_positions_computed_on_the_host_are_the_models_own(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradients(tmp_path, kind):
-    """trainer.batch_on_device computes, from the host copies, what the forward would read from the device (on a
+    """policy.batch_on_device computes, from the host copies, what the forward would read from the device (on a
     GPU each read stalls the queue): the RoPE positions and the vision tower's patch positions and per-image (and
     Qwen2.5-VL: per-window) spans. Log-probs and every gradient equal the model's own forward; corrupting a
     precomputed input changes them (so they are what the forward used)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
-    from trainer import batch_on_device
+    from policy import batch_on_device
     from utils import build_prompt, build_tiny_model, collate, make_counting_dataset
     path = build_tiny_model(str(tmp_path / kind), kind)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
@@ -670,7 +671,7 @@ def test_inputs_precomputed_on_the_host_give_the_models_own_logprobs_and_gradien
 @pytest.mark.parametrize("video", [False, True])
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_the_blank_image_row_changes_nothing_but_gives_the_vision_tower_a_zero_gradient(tmp_path, kind, video):
-    """A text-only micro-batch with the blank image row (trainer.with_blank_image: ZeRO-3 ranks must all run the
+    """A text-only micro-batch with the blank image row (policy.with_blank_image: ZeRO-3 ranks must all run the
     vision tower, and its gradient must be an exact zero, not left out): the rows' log-probs are those without it
     (float64, to 1e-12: the row only widens the batch), and every vision parameter, Qwen3-VL's DeepStack mergers
     included, gets a gradient of exactly zero. video=True (a run with videos): the row holds a blank video too,
@@ -737,7 +738,7 @@ def test_each_kind_of_row_scores_as_the_models_own_forward(tmp_path, kind, case)
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from main import Config
     from main import load_processor
-    from trainer import batch_on_device, rope_positions
+    from policy import batch_on_device, rope_positions
     from utils import build_prompt, build_tiny_model, collate
     path = build_tiny_model(str(tmp_path / kind), kind)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)

@@ -289,6 +289,7 @@ def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets
     if not os.path.isdir(src):
         pytest.skip(f"{src} not found (the real processors live in ../shared/assets)")
     from transformers import AutoModelForImageTextToText
+    import policy
     import trainer
     from main import Config, load_processor
     from make_random_model import qwen3_vl
@@ -319,7 +320,7 @@ def test_collate_forward_generate_with_the_real_processor(tmp_path, kind, assets
     completions = [s for group in samples for s in group]
     assert not any(t in suppressed for c in completions for t in c)
     batch = collate([p for p in prompts for _ in range(2)], completions, processor.tokenizer.pad_token_id)
-    logp = trainer.completion_logprobs(model, batch, 1.0, suppressed)
+    logp = policy.completion_logprobs(model, batch, 1.0, suppressed)
     assert logp.shape == batch["completion_mask"].shape
     assert torch.isfinite(logp[batch["completion_mask"] > 0]).all() and (logp <= 0).all()
 

@@ -60,6 +60,7 @@ def engine(tmp_path_factory, request):
 
 def parity(e):
     """Mean |log p_vLLM - log p_trainer| over the tokens vLLM sampled (with images), in nats per token."""
+    import policy
     import trainer
     from engine import vllm_generate
     from utils import collate
@@ -70,7 +71,7 @@ def parity(e):
     batch = collate([p for p in e["prompts"] for _ in range(2)], completions, e["processor"].tokenizer.pad_token_id)
     batch = {k: v.to(e["model"].device) for k, v in batch.items()}
     with torch.no_grad():
-        ours = trainer.completion_logprobs(e["model"], batch, 1.0, e["suppressed"]).float().cpu()
+        ours = policy.completion_logprobs(e["model"], batch, 1.0, e["suppressed"]).float().cpu()
     mask = batch["completion_mask"].cpu()
     return ((ours - trainer.pad_rows(sampled, ours.shape[1])).abs() * mask).sum().item() / mask.sum().item()
 
