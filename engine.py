@@ -615,6 +615,11 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
                     raise RuntimeError(f"vLLM expanded a prompt to {len(out.prompt_token_ids)} tokens, the processor "
                                        f"to {len(ours)}, or to other tokens: the image sizes differ (check "
                                        "--max_pixels)")
+            broken = sum(not math.isfinite(x) for _, logps in flat for lps in logps for x in lps)
+            if broken:  # its weights hold NaN or inf (a copy gone wrong): it samples noise, and the loss would learn it
+                raise FloatingPointError(f"vLLM sampled {broken} tokens with a log-prob that is not finite: the "
+                                         "engine's weights are broken (a weight copy gone wrong); this run's rollouts "
+                                         "cannot be trusted from the last weight copy on")
             return [flat[bounds[i]:bounds[i + 1]] for i in range(world)]
         # on a thread either way: a wait that notices the engine's death (vLLM's client waits forever for a dead
         # engine, e.g. one a scheduler's TERM reached)

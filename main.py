@@ -601,7 +601,8 @@ def main(cfg):
                                 overlap=overlap, tis_cap=cfg.importance_sampling_cap if tis else None, pending=pending)
     except trainer.Stopped as e:
         history, stopped = e.history, e
-    except (trainer.NonFiniteGradient, trainer.RewardError, DataError) as e:  # raised on every rank together
+    except (FloatingPointError, trainer.RewardError, DataError) as e:  # raised on every rank together (a gradient or
+        # vLLM's sampled log-probs not finite, a reward's or the data's error)
         user_error(str(e))
     finally:
         if llm is not None:

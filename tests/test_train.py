@@ -605,3 +605,19 @@ def test_grounding_with_every_loss_option_runs_and_evaluates_iou(tmp_path):
         assert m["reward/overlong"] == -1.0  # every completion of the random model runs to the limit
     with open(os.path.join(out, "eval_completions.jsonl")) as f:
         assert all(0.0 <= json.loads(line)["correct"] <= 1.0 for line in f)
+
+
+@pytest.mark.slow
+def test_nan_weights_reaching_vllm_stop_the_run_at_its_next_rollout(tmp_path):
+    """A weight copy that brings vLLM a NaN tensor (the trainer's own stay finite, so its loss and gradient do):
+    vLLM's sampled log-probs are not finite, and the run stops at the next rollout with one message instead of
+    training on noise (a 7B LoRA run on an H100 went on for 9 steps with NaN sampler log-probs before this)."""
+    pytest.importorskip("vllm")
+    out = str(tmp_path / "nan_copy")
+    p = run([PY, "tests/fail_weight_copy.py", *FAST, "--rollout", "vllm", "--output_dir", out, "--rewards",
+             "uppercase", "--steps", "3", "--trainable", "all", "--save_steps", "0", "--eval_steps", "0"],
+            check=False, timeout=300, env={"WEIGHT_COPY_FAULT": "nan"})
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert text.count("vLLM sampled") == 1 and "log-prob that is not finite" in text, text[-3000:]
+    assert [m["step"] for m in metrics(out)] == [1], metrics(out)
