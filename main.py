@@ -310,7 +310,7 @@ BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "impor
 # (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
 RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
                      "log_completions_steps", "report_to", "strict", "debug", "gradient_checkpointing",
-                     "vllm_gpu_memory_utilization",
+                     "vllm_gpu_memory_utilization", "offload",  # where the optimizer's state lives, not its math
                      "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
