@@ -145,7 +145,11 @@ def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
     train(1)
     sync()
     e = dict(engine, model=lora)
-    assert parity(e) < 0.02, parity(e)
+    # in bf16 (GPU) the merged weight vLLM gets is rounded once more than the trainer's unmerged layers: the bound
+    # is a plain copy's (0.02) plus twice what that rounding alone moves the trainer's own log-probs (0 in float32;
+    # 0.005-0.013 nats/token for these tiny models with adapters this far out, measured on CPU in bf16)
+    bound = 0.02 + 2 * merge_rounding(e, model, lora)
+    assert parity(e) < bound, (parity(e), bound)
     train(2)
     stale = parity(e)
     assert stale > 0.05, f"moving the adapters must show before the copy ({stale})"
@@ -155,8 +159,31 @@ def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
     unmerged.clear()
     sync()
     after = parity(e)
-    print(f"LoRA parity: after the copy {after:.4f}, stale adapters {stale:.4f}, one layer unmerged {lost:.4f}")
-    assert after < 0.02 < lost, (after, lost)
+    print(f"LoRA parity: after the copy {after:.4f} (bound {bound:.4f}), stale adapters {stale:.4f}, one layer "
+          f"unmerged {lost:.4f}")
+    assert after < bound < lost, (after, bound, lost)
+
+
+def merge_rounding(e, base, lora):
+    """Mean |log p| difference, over the test prompts with tokens drawn at random, between the LoRA model and a copy
+    of its `base` holding the merged weights (trainer.hf_weights, rounded to the model's dtype): what merging
+    alone changes, on the trainer's side."""
+    import copy
+    import policy
+    import trainer
+    from utils import collate
+    weights, plain = dict(trainer.hf_weights(lora)), copy.deepcopy(base)
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            p.copy_(weights[n])
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 200, (12,), generator=g).tolist() for _ in e["prompts"]]
+    batch = collate(e["prompts"], completions, e["processor"].tokenizer.pad_token_id)
+    batch = {k: v.to(lora.device) for k, v in batch.items()}
+    with torch.no_grad():
+        ours, theirs = (policy.completion_logprobs(m, batch, 1.0, e["suppressed"]).float() for m in (lora, plain))
+    mask = batch["completion_mask"]
+    return (((ours - theirs).abs() * mask).sum() / mask.sum()).item()
 
 
 @pytest.mark.parametrize("kind,left_out", [("qwen2_vl", "model.visual.blocks.0.mlp.fc1.weight"),
