@@ -890,10 +890,15 @@ def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None)
     def sync():
         named = list(named_params())
         trainable = [(n, p) for n, p in named if p.requires_grad]
+        # every tensor of a layer that holds a trained one: vLLM fuses q/k/v (weights and biases) and gate/up, and its
+        # layerwise reload fills what a copy leaves out of a fused tensor with fresh memory (zeros on CPU; on an H100
+        # frozen q/k/v biases beside LoRA-merged weights came back as NaN log-probs from the second copy on)
+        hot = {key for key, _ in weight_groups(trainable)}
+        trainable = [(n, p) for key, group in weight_groups(named) if key in hot for n, p in group]
         on_rank0(lambda: vllm_wake_up(llm, tags=["weights"]), is_main)
         if not expected:
-            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if not p.requires_grad], bucket_mb, is_main,
-                                          dtype)
+            sent = {n for n, _ in trainable}
+            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if n not in sent], bucket_mb, is_main, dtype)
             expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             expected["hf"] = {n for n, _ in trainable}
             on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)

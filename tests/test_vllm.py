@@ -159,9 +159,36 @@ def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
     unmerged.clear()
     sync()
     after = parity(e)
+    bound = 0.02 + 2 * merge_rounding(e, model, lora)  # the adapters have moved since
     print(f"LoRA parity: after the copy {after:.4f} (bound {bound:.4f}), stale adapters {stale:.4f}, one layer "
           f"unmerged {lost:.4f}")
     assert after < bound < lost, (after, bound, lost)
+
+
+def test_a_copy_sends_whole_layers_where_vllm_fuses_what_trains_with_what_does_not(engine):
+    """LoRA on q_proj and v_proj alone (and on the vision tower's first block): vLLM fuses q, k and v (weights and
+    biases) into one tensor, and its layerwise reload fills the part a copy leaves out with fresh memory (zeros
+    here, whatever the GPU held there: NaN log-probs from the second copy on in a 7B LoRA run on an H100). So each
+    later copy sends every tensor of a layer that holds a trained one; sending the trained tensors alone fails
+    this test (k's rows and every bias of the layer zeroed)."""
+    import copy
+    import trainer
+    from engine import make_weight_sync
+    model = engine["model"]
+    model.load_state_dict(engine["initial"])
+    lora = copy.deepcopy(model)
+    trainer.add_lora(lora, 4, 0, r".*(language_model.*\.(q_proj|v_proj)|visual\.blocks\.0\..*(qkv|fc1|linear_fc1))")
+    sync = make_weight_sync(engine["llm"], lambda: trainer.hf_weights(lora), dtype=engine["dtype"])
+    sync()  # the first copy: everything
+    g = torch.Generator(device=lora.device).manual_seed(3)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if ".lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.1)
+    sync()  # a later copy: the layers that train
+    e = dict(engine, model=lora)
+    bound = 0.02 + 2 * merge_rounding(e, model, lora)
+    assert parity(e) < bound, (parity(e), bound)
 
 
 def merge_rounding(e, base, lora):
