@@ -678,6 +678,8 @@ def on_rank0(fn, is_main, share=False):
         if message is not None:
             if error is not None:
                 raise error
+            if message.startswith("FloatingPointError: "):  # non-finite numbers: main.py prints it once, no traceback
+                raise FloatingPointError(message.removeprefix("FloatingPointError: "))
             raise RuntimeError(f"rank {owner} stopped the run: {message}")
         result = box[0][0] if share else result
     return result

@@ -581,7 +581,8 @@ def main(cfg):
                                        videos)
     if accelerator.is_main_process:  # the one start line: what runs where
         zero = f", ZeRO-{ds_plugin.deepspeed_config['zero_optimization']['stage']}" if ds_plugin is not None else ""
-        offloaded = [k.split("_")[1] for k in ("offload_optimizer", "offload_param") if ds_plugin is not None and
+        offloaded = [what for k, what in (("offload_optimizer", "optimizer"), ("offload_param", "params"))
+                     if ds_plugin is not None and
                      ds_plugin.deepspeed_config["zero_optimization"].get(k, {}).get("device", "none") != "none"]
         zero += f", {' and '.join(offloaded)} offloaded to the CPU" if offloaded else ""
         zero += ", compiled layers" if model.model.language_model.layers[0]._compiled_call_impl is not None else ""
@@ -602,7 +603,8 @@ def main(cfg):
     except trainer.Stopped as e:
         history, stopped = e.history, e
     except (FloatingPointError, trainer.RewardError, DataError) as e:  # raised on every rank together (a gradient or
-        # vLLM's sampled log-probs not finite, a reward's or the data's error)
+        # vLLM's sampled log-probs not finite: engine.on_rank0 raises the engine owner's on every rank; a reward's or
+        # the data's error)
         user_error(str(e))
     finally:
         if llm is not None:
@@ -748,9 +750,12 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
                                           zero_allow_untested_optimizer=True)  # any torch optimizer
         zero = ds_plugin.deepspeed_config.setdefault("zero_optimization", {})
         import psutil
-        gpu_bytes = torch.cuda.get_device_properties(accelerator.device).total_memory if \
-            accelerator.device.type == "cuda" else 0
-        offload = resolve_offload(cfg, model, accelerator.num_processes, gpu_bytes, psutil.virtual_memory().available,
+        gpu_bytes, host_bytes = 0, psutil.virtual_memory().available
+        if accelerator.device.type == "cuda":  # the models still in host memory leave it for the GPU soon
+            gpu_bytes = torch.cuda.get_device_properties(accelerator.device).total_memory
+            host_bytes += sum(p.numel() * p.element_size() for m in (model, ref_model) if m is not None
+                              for p in m.parameters() if p.device.type == "cpu")
+        offload = resolve_offload(cfg, model, accelerator.num_processes, gpu_bytes, host_bytes,
                                   int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
         zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage)
         bf16 = ds_plugin.deepspeed_config.get("bf16", {}).get("enabled") in (True, "true")
