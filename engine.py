@@ -304,6 +304,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if transfer == "ipc" and not colocate:
         raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
                          "use nccl, file or auto here")
+    # sharing memory (colocated, CPU) the KV cache is sized below and this share is only what vLLM checks is free
+    # when it starts
     memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
     if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
