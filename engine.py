@@ -901,10 +901,10 @@ def make_weight_sync(llm, named_params, bucket_mb=512, is_main=True, dtype=None)
         trainable = [(n, p) for key, group in weight_groups(named) if key in hot for n, p in group]
         on_rank0(lambda: vllm_wake_up(llm, tags=["weights"]), is_main)
         if not expected:
-            sent = {n for n, _ in trainable}
-            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if n not in sent], bucket_mb, is_main, dtype)
-            expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             expected["hf"] = {n for n, _ in trainable}
+            frozen = push_weights_to_vllm(llm, [(n, p) for n, p in named if n not in expected["hf"]], bucket_mb,
+                                          is_main, dtype)
+            expected["vllm"] = push_weights_to_vllm(llm, trainable, bucket_mb, is_main, dtype)
             on_rank0(lambda: check_all_set(frozen | expected["vllm"]), is_main)
             if llm is not None:  # every later copy sets every vLLM parameter: the engine may drop its weights
                 llm.copies_everything = not frozen - expected["vllm"]

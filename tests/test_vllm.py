@@ -129,11 +129,7 @@ def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
     assert any(n.startswith("model.visual.blocks") for n, _ in trainer.lora_layers(lora))
 
     def train(seed):  # stands in for training: every adapter moves (B leaves zero)
-        g = torch.Generator(device=lora.device).manual_seed(seed)
-        with torch.no_grad():
-            for n, p in lora.named_parameters():
-                if ".lora_" in n:
-                    p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.3)
+        move_adapters(lora, seed, 0.3)
     unmerged = set()
     layer = "model.language_model.layers.1.mlp.down_proj"
 
@@ -180,15 +176,20 @@ def test_a_copy_sends_whole_layers_where_vllm_fuses_what_trains_with_what_does_n
     trainer.add_lora(lora, 4, 0, r".*(language_model.*\.(q_proj|v_proj)|visual\.blocks\.0\..*(qkv|fc1|linear_fc1))")
     sync = make_weight_sync(engine["llm"], lambda: trainer.hf_weights(lora), dtype=engine["dtype"])
     sync()  # the first copy: everything
-    g = torch.Generator(device=lora.device).manual_seed(3)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if ".lora_" in n:
-                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 0.1)
+    move_adapters(lora, 3, 0.1)
     sync()  # a later copy: the layers that train
     e = dict(engine, model=lora)
     bound = 0.02 + 2 * merge_rounding(e, model, lora)
     assert parity(e) < bound, (parity(e), bound)
+
+
+def move_adapters(lora, seed, scale):
+    """Stands in for training: every LoRA adapter moves by scale x N(0, 1) (B leaves zero)."""
+    g = torch.Generator(device=lora.device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if ".lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * scale)
 
 
 def merge_rounding(e, base, lora):
