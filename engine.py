@@ -165,38 +165,47 @@ class VLLMWeightLoader:
         just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
         return self.reload_flat(torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+")), entries)
 
-    def begin_copy(self):
-        """Opens one update session of vLLM's layerwise reload for a copy that arrives in several loads
-        (load_ipc_weights): its set-up and its finish walk every module of the model, once a copy rather than
-        once a bucket (~10 buckets for the 2B model)."""
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+    def begin_copy(self, layerwise=True):
+        """Starts a copy that arrives in several loads (load_ipc_weights). layerwise: inside one update session of
+        vLLM's layerwise reload, whose set-up and finish walk every module of the model (once a copy rather than
+        once a bucket), and which loads a layer into fresh memory once it has all its tensors, processes it (what
+        a quantized or CPU-packed layer needs) and copies it back. Otherwise each load_weights copies straight into
+        the engine's tensors: all an unquantized model on a GPU needs (its processing after loading does nothing
+        there), and it leaves what a copy does not send as it was."""
         self.record_loads(True)
-        self.quiet = quiet_partial_reload()
-        self.quiet.__enter__()
-        initialize_layerwise_reload(self.model_runner.get_model())
+        self.layerwise = layerwise
+        if layerwise:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+            self.quiet = quiet_partial_reload()
+            self.quiet.__enter__()
+            initialize_layerwise_reload(self.model_runner.get_model())
 
     def end_copy(self):
-        """Closes begin_copy's session (what a layer did not get whole stays as it was); returns the vLLM
+        """Closes begin_copy's session (layerwise: what a layer did not get whole stays as it was); returns the vLLM
         parameters set."""
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
         try:
-            finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+            if self.layerwise:
+                from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+                try:
+                    finalize_layerwise_reload(self.model_runner.get_model(), self.model_config)
+                finally:
+                    self.quiet.__exit__(None, None, None)
         finally:
-            self.quiet.__exit__(None, None, None)
             loaded = self.record_loads(False)
         return loaded
 
     def load_ipc_weights(self, handle, entries):
-        """Loads (hf_name, dtype, shape, offset) tensors, inside begin_copy's session, from a CUDA buffer of the
-        trainer's process on this GPU (colocate mode) opened through its CUDA IPC handle (torch's reduce_tensor
-        arguments, pickled): no copy through host memory. Copies of the tensors go in: a layer that is not
-        whole yet keeps what it was given until the session ends, and the trainer reuses its buffer."""
+        """Loads (hf_name, dtype, shape, offset) tensors, after begin_copy, from a CUDA buffer of the trainer's
+        process on this GPU (colocate mode) opened through its CUDA IPC handle (torch's reduce_tensor arguments,
+        pickled): no copy through host memory. Layerwise, copies of the tensors go in (a layer that is not whole
+        yet keeps what it was given until the session ends, and the trainer reuses its buffer)."""
         import pickle
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
         args = list(pickle.loads(handle))
         args[6] = self.device.index  # the device index as this process numbers it
         flat = rebuild_cuda_tensor(*args)
-        self.model_runner.get_model().load_weights([(name, view.clone()) for name, view in views(flat, entries)])
+        self.model_runner.get_model().load_weights([(name, view.clone() if self.layerwise else view)
+                                                    for name, view in views(flat, entries)])
         torch.cuda.synchronize()  # done with the trainer's buffer before this returns
 
     def receive_nccl(self, update_info):
@@ -286,6 +295,15 @@ def kv_cache_bytes(path, cfg, sequences, itemsize):
     return per_token * tokens * max(sequences, 1)
 
 
+def model_bytes(path):
+    """Bytes of the model's weights in bf16 (built on the meta device from its config)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters()) * 2
+
+
 def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, sequences=0):
     """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `sequences`: the
     most it samples at once; sharing memory with the trainer (colocated, or on CPU), its KV cache holds that many
@@ -305,8 +323,12 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
         raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
                          "use nccl, file or auto here")
     # sharing memory (colocated, CPU) the KV cache is sized below and this share is only what vLLM checks is free
-    # when it starts
-    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
+    # when it starts: colocated, its weights, that cache and room for its activations and CUDA graphs
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.85)
+    kv = kv_cache_bytes(path, cfg, sequences, 4 if gpu is None else 2) if sequences else 0
+    if colocate and gpu is not None and not cfg.vllm_gpu_memory_utilization:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        memory = min(0.9, (model_bytes(path) + kv + 4 * 2 ** 30) / total)
     if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
         memory -= copy_bytes / torch.cuda.get_device_properties(visible.split(",").index(str(gpu))).total_memory
@@ -323,7 +345,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     extra = {}
     if (colocate or gpu is None) and sequences and not cfg.vllm_gpu_memory_utilization:
-        extra["kv_cache_memory_bytes"] = kv_cache_bytes(path, cfg, sequences, 4 if gpu is None else 2)
+        extra["kv_cache_memory_bytes"] = kv
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
@@ -858,7 +880,8 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
         else:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
-    on_rank0(lambda: ipc and llm.collective_rpc("begin_copy"), is_main)  # IPC: one update session, all buckets
+    on_rank0(lambda: ipc and llm.collective_rpc("begin_copy", args=(getattr(llm, "layerwise_copy", True),)),
+             is_main)  # IPC: one begin and end for all buckets
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             staged = on_rank0(lambda: stage(bucket), is_main)

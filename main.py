@@ -679,17 +679,18 @@ def make_accelerator(cfg):
     return accelerator
 
 
-def resolve_offload(cfg, model, world, gpu_bytes, host_bytes, on_node=1):
+def resolve_offload(cfg, model, world, gpu_bytes, host_bytes, on_node=1, reference=False):
     """--offload, with auto resolved: the optimizer's state (fp32 master weights, Adam's two moments: 12 bytes a
-    trained weight) to host memory where, with the bf16 weights and gradients, it would take over 0.6 of each GPU
-    (`gpu_bytes`; 0: no GPU) even sharded over the `world` ranks (ZeRO-3), leaving too little for activations and a
-    colocated vLLM; else none. LoRA's few trained weights never need it. Offloaded, the node's `on_node` ranks
-    keep 16 bytes a trained weight in host memory (master weights, their fp32 gradients, Adam): where
-    `host_bytes` (available) cannot hold them, the run stops here with the sizes and the ways out."""
+    trained weight) to host memory where, with the bf16 weights (the `reference` model's too) and the fp32
+    gradients DeepSpeed accumulates, it would take over 0.6 of each GPU (`gpu_bytes`; 0: no GPU) even sharded over
+    the `world` ranks (ZeRO-3), leaving too little for activations and a colocated vLLM; else none. LoRA's few
+    trained weights never need it. Offloaded, the node's `on_node` ranks keep 16 bytes a trained weight in host
+    memory (master weights, their fp32 gradients, Adam): where `host_bytes` (available) cannot hold them, the run
+    stops here with the sizes and the ways out."""
     trained = sum(p.numel() for name, p in model.named_parameters() if trains(name, cfg.trainable))
     offload = cfg.offload
     if offload == "auto":
-        need = (2 * sum(p.numel() for p in model.parameters()) + 14 * trained) / world
+        need = ((2 + 2 * reference) * sum(p.numel() for p in model.parameters()) + 16 * trained) / world
         offload = "optimizer" if gpu_bytes and not cfg.lora_rank and need > 0.6 * gpu_bytes else "none"
     host = 16 * trained / world * on_node
     if offload != "none" and not cfg.lora_rank and host > host_bytes:
@@ -756,7 +757,8 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             host_bytes += sum(p.numel() * p.element_size() for m in (model, ref_model) if m is not None
                               for p in m.parameters() if p.device.type == "cpu")
         offload = resolve_offload(cfg, model, accelerator.num_processes, gpu_bytes, host_bytes,
-                                  int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)),
+                                  reference=ref_model is not None)
         zero["stage"] = zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage)
         bf16 = ds_plugin.deepspeed_config.get("bf16", {}).get("enabled") in (True, "true")
         if bf16:  # DeepSpeed adds micro-batches' (and ranks') bf16 gradients in bf16 unless told: 2^-9 per addition

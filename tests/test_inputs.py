@@ -444,9 +444,9 @@ def test_data_errors_name_the_line_the_row_or_the_file(tmp_path, tiny_qwen2_vl):
 
 
 def test_offload_auto_offloads_the_optimizer_only_where_full_fine_tuning_would_not_fit_the_gpu(tiny_qwen2_vl):
-    """--offload auto: the optimizer's state goes to host memory where the bf16 weights and gradients with the fp32
-    master weights and Adam's moments (2 + 2 + 12 bytes a trained weight) would take over 0.6 of each GPU even
-    sharded over every rank; LoRA and CPU runs never offload; where the host cannot hold 16 bytes a trained
+    """--offload auto: the optimizer's state goes to host memory where the bf16 weights, the fp32 gradients, the fp32
+    master weights and Adam's moments (2 + 4 + 12 bytes a trained weight; a reference model 2 more a weight) would
+    take over 0.6 of each GPU even sharded over every rank; LoRA and CPU runs never offload; where the host cannot hold 16 bytes a trained
     weight the run stops with one message naming the flag and the ways out."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -455,14 +455,16 @@ def test_offload_auto_offloads_the_optimizer_only_where_full_fine_tuning_would_n
     n = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for name, p in model.named_parameters() if ".visual." in f".{name}")
     full, host = Config(model=tiny_qwen2_vl, trainable="all"), 1e15
-    fits = 16 * n / 0.6  # the GPU that full fine-tuning just fills to 0.6
+    fits = 18 * n / 0.6  # the GPU that full fine-tuning just fills to 0.6
     assert resolve_offload(full, model, 1, fits * 1.01, host) == "none"
     assert resolve_offload(full, model, 1, fits * 0.99, host) == "optimizer"
     assert resolve_offload(full, model, 2, fits * 0.99, host) == "none"  # ZeRO-3 halves it
     assert resolve_offload(full, model, 1, 0, host) == "none"  # no GPU
+    assert resolve_offload(full, model, 1, fits * 1.01, host, reference=True) == "optimizer"  # its bf16 copy
+    assert resolve_offload(full, model, 1, 20 * n / 0.6 * 1.01, host, reference=True) == "none"
     language = Config(model=tiny_qwen2_vl, trainable="language")  # the frozen tower: 2 bytes a weight, not 16
-    assert resolve_offload(language, model, 1, (16 * n - 14 * vision) / 0.6 * 1.01, host) == "none"
-    assert resolve_offload(language, model, 1, (16 * n - 14 * vision) / 0.6 * 0.99, host) == "optimizer"
+    assert resolve_offload(language, model, 1, (18 * n - 16 * vision) / 0.6 * 1.01, host) == "none"
+    assert resolve_offload(language, model, 1, (18 * n - 16 * vision) / 0.6 * 0.99, host) == "optimizer"
     assert resolve_offload(Config(model=tiny_qwen2_vl, lora_rank=8), model, 1, fits * 0.5, host) == "none"
     assert resolve_offload(Config(model=tiny_qwen2_vl, offload="none"), model, 1, fits * 0.5, host) == "none"
     with pytest.raises(SystemExit, match=r"--offload auto: the optimizer's state of .* takes .* \(2 training process"
