@@ -9,7 +9,8 @@ import torch
 
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.slow
+# one xdist worker takes the whole module: its engines start once per family there, not once on each worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_engines")]
 GPU = torch.cuda.is_available()
 
 
