@@ -322,11 +322,12 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if transfer == "ipc" and not colocate:
         raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
                          "use nccl, file or auto here")
-    # sharing memory (colocated, CPU) the KV cache is sized below and this share is only what vLLM checks is free
-    # when it starts: colocated, its weights, that cache and room for its activations and CUDA graphs
-    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.85)
+    # sharing memory (colocated, CPU) with a sequence count the KV cache is sized below and this share is only what
+    # vLLM checks is free when it starts: colocated, its weights, that cache and room for its activations and CUDA
+    # graphs; without one vLLM sizes its cache from the share, 0.35 of the GPU colocated
+    memory = cfg.vllm_gpu_memory_utilization or (0.1 if gpu is None else 0.35 if colocate else 0.85)
     kv = kv_cache_bytes(path, cfg, sequences, 4 if gpu is None else 2) if sequences else 0
-    if colocate and gpu is not None and not cfg.vllm_gpu_memory_utilization:
+    if colocate and gpu is not None and sequences and not cfg.vllm_gpu_memory_utilization:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         memory = min(0.9, (model_bytes(path) + kv + 4 * 2 ** 30) / total)
     if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
@@ -349,6 +350,8 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+    import psutil
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}  # an earlier engine's may still be exiting
     try:
         with children_in_own_session():  # a Ctrl-C for the trainer must not stop the engine mid-step
             llm = LLM(model=path, dtype="bfloat16" if gpu is not None else "float32", seed=cfg.seed,
@@ -370,8 +373,9 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
             else:
                 os.environ[k] = v
     guard_children()  # the engine's processes end with this one, however it ends
-    import psutil
-    llm.engine_processes = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
+    # this engine's own: a stopped one's core left a zombie behind, which engine_alive would count as this one's end
+    llm.engine_processes = [p for p in psutil.Process().children(recursive=True)
+                            if p.pid not in earlier and p.name().startswith("VLLM")]
     llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
     llm.weight_transfer = transfer
     if llm.weight_group is not None and copy_bytes:

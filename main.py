@@ -703,7 +703,7 @@ def resolve_offload(cfg, model, world, gpu_bytes, host_bytes, on_node=1, referen
 
 def zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage=None):
     """--zero_stage, with auto resolved: ZeRO-2 where a rank's whole copy takes under half of its GPU (bf16
-    weights and gradients, its share of the fp32 weights and Adam state, the reference's bf16 weights), leaving
+    weights, its share of the fp32 gradients, weights and Adam state, the reference's bf16 weights), leaving
     the rest to activations; else ZeRO-3. ZeRO-2 skips ZeRO-3's per-module gathers, whose Python hooks made the 2B model's
     update 2.8x slower on one H200 (tests/bench_step.py: 7.8 s vs 2.8 s; at 5c57bf3 1.74 s vs 0.86 s, for 44.6 vs 49.4
     GiB of peak memory). CPU runs keep ZeRO-3."""
@@ -718,8 +718,8 @@ def zero_stage(cfg, model, ref_model, accelerator, offload, resumed_stage=None):
     if accelerator.device.type != "cuda":
         return 3
     n = sum(p.numel() for p in model.parameters())
-    optimizer_bytes = 0 if offload == "optimizer" else 12 / accelerator.num_processes  # fp32 master, Adam
-    need = n * (2 + 2 + optimizer_bytes + (2 if ref_model is not None else 0))
+    state_bytes = 0 if offload == "optimizer" else 16 / accelerator.num_processes  # fp32 grads, master, Adam
+    need = n * (2 + state_bytes + (2 if ref_model is not None else 0))  # resolve_offload's 18 bytes, per rank
     return 2 if need < 0.5 * torch.cuda.get_device_properties(accelerator.device).total_memory else 3
 
 
