@@ -38,12 +38,12 @@ def engine(tmp_path_factory, request):
     processor = load_processor(path, cfg)  # images within --min/max_pixels, as training resizes them
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
     # an earlier engine's core still exiting as this one starts (the first family's, on a loaded machine): a process
-    # of vLLM's name that ends, unwaited (a zombie), while this one starts
+    # of vLLM's name that ends while this one starts and stays a zombie (not reaped) until the check below
     leftover = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
-                                 "setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(2)"])
+                                 "setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(1)"])
     llm = start_vllm(path, cfg, gpu=None if not GPU else visible[1] if layout == "own_gpu" else visible[0],
                      colocate=layout == "colocate", videos=True, sequences=10)
-    assert leftover.poll() is not None  # gone, and this process has not waited for it: a zombie of vLLM's name
+    os.waitid(os.P_PID, leftover.pid, os.WEXITED | os.WNOWAIT)  # ended, still unreaped
     if layout != "own_gpu":  # sharing memory with the trainer, the KV cache holds the 10 sequences we sample at once
         cache = llm.llm_engine.vllm_config.cache_config  # and not a share of the memory (vLLM's own block arithmetic)
         per_sequence = math.ceil((cfg.max_prompt_length + cfg.max_completion_length) / cache.block_size)
