@@ -233,7 +233,8 @@ def main_bench():
     args, rest = parser.parse_known_args()
     sync_variants = [v for v in args.sync_variants.split(",") if v]
     for v in sync_variants:  # checked before anything runs: a misspelt one would re-measure the default copy
-        if not (v in ("layerwise", "direct") or v.startswith("bucket") and v[6:].isdigit() and int(v[6:]) > 0):
+        mb = v.removeprefix("bucket")
+        if not (v in ("layerwise", "direct") or v.startswith("bucket") and mb.isdigit() and int(mb) > 0):
             parser.error(f"--sync_variants: {v!r} is none of layerwise, direct, bucketN (N MB > 0)")
         if v in ("layerwise", "direct") and torch.cuda.device_count() != 1:
             parser.error(f"--sync_variants {v}: only the colocated IPC copy (one GPU) has a layerwise and a direct "
@@ -299,7 +300,8 @@ def main_bench():
             s=bound_s, tokens_per_s=len(prompts) * G * cfg.max_completion_length / bound_s, weight_gb=read / 1e9,
             bandwidth_spec_tb_per_s=spec / 1e12, bandwidth_copy_tb_per_s=reached / 1e12)
         print(f"weight-read bound: {bound_s:.3f} s ({read / 1e9:.2f} GB x {cfg.max_completion_length} decode steps at "
-              f"{spec / 1e12:.2f} TB/s; a device copy reaches {reached / 1e12:.2f} TB/s, reads and writes counted)", flush=True)
+              f"{spec / 1e12:.2f} TB/s; a device copy reaches {reached / 1e12:.2f} TB/s, reads and writes counted)",
+              flush=True)
     if rolls and shared:
         results["sync_raw_copy"] = dict(s=raw_copy(nbytes, args.iters), gb=nbytes / 1e9)
         results["sync_raw_copy"]["gb_per_s"] = nbytes / 1e9 / results["sync_raw_copy"]["s"]
