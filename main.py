@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -22,14 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoint
 import trainer
+from checkpoint import check_output_dir, check_resumed_layout, output_dir_is_shared, resolve_output_dir, resume
 from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
                     vllm_sleep)
-from policy import LogProbModel
+from policy import LORA_TARGETS, LogProbModel, add_lora, hf_weights, without_adapters
 from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
                      overlong_reward)
-from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, vision_token_ids,
-                   write_jsonl, write_report)
+from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, user_error,
+                   vision_token_ids, write_report)
 
 # Rewards: name -> fn(completions, **dataset_columns) -> list[float]. Add yours here; pick with --rewards.
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "number": number_reward, "iou": iou_reward,
@@ -216,7 +217,7 @@ def check_config(cfg):
         problems.append(f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha}: give a rank >= 1 (0: no LoRA) "
                         "and an alpha >= 0 (0: 2 x rank)")
     try:
-        re.compile(trainer.LORA_TARGETS.get(cfg.lora_targets, cfg.lora_targets))
+        re.compile(LORA_TARGETS.get(cfg.lora_targets, cfg.lora_targets))
     except re.error as e:
         problems.append(f"--lora_targets {cfg.lora_targets!r}: not a regex ({e}); give language, all, or a regex of "
                         "module names")
@@ -283,35 +284,6 @@ def quietly(fn, cfg):
     except BaseException:
         sys.stdout.write(printed.getvalue())
         raise
-
-
-def user_error(message):
-    """Stops the run for a fixable input: rank 0 prints the message; another rank waits 10 s first (the launcher
-    ends the job when a rank exits: had it left first, it could kill rank 0 before rank 0 printed) and is then ended
-    by the launcher's TERM (the default action again, not the stop-after-this-step handler), or, where rank 0
-    did not stop (an error of this rank alone), prints the message with its rank."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        raise SystemExit(message)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's TERM ends this rank now (a handler may be set)
-    time.sleep(10)
-    raise SystemExit(f"rank {rank}: {message}")
-
-
-RUN_OUTPUTS = ("config.json", "run.json", "metrics.jsonl", "completions.jsonl", "eval_completions.jsonl",
-               "curves.png", "report.html", "prompt_images", "final", "final.tmp")  # and checkpoint-*
-# what a run killed before its first checkpoint leaves (and checkpoint-N.tmp): --resume auto starts over on it
-STARTED_ONLY = set(RUN_OUTPUTS) - {"final"}
-BEFORE_THEIR_FLAGS = {"overlap": "false", "importance_sampling": "false", "importance_sampling_cap": 2.0,
-                      "importance_sampling_level": "token", "kl_estimator": "k3", "mask_truncated_completions": False,
-                      "importance_sampling_mode": "token_truncate", "overlong_buffer": 0,
-                      "dynamic_sampling": False, "dynamic_sampling_tries": 4, "offload": "none"}
-# flags that change nothing in the math of a run: a resumed run may change them
-# (not eval_*: evaluation draws from the same RNG as the rollouts; not attn_implementation: other numerics)
-RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_limit", "resume", "overwrite",
-                     "log_completions_steps", "report_to", "strict", "debug", "gradient_checkpointing",
-                     "vllm_gpu_memory_utilization", "offload",  # where the optimizer's state lives, not its math
-                     "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
 def preflight(cfg, is_main):
@@ -386,30 +358,6 @@ def check_data(cfg, rows, eval_rows, sample=32):
                 + f"; first: {'; '.join(first.values())}")
 
 
-def check_output_dir(out, model):
-    """output_dir (or the folder it would be made in) can be written: a probe file there, before anything loads.
-    Warns when its disk has less free space than a checkpoint of a local model takes (weights, and float32 master
-    weights and Adam state: about 7x the bf16 weights)."""
-    import tempfile
-    here = os.path.abspath(os.path.expanduser(out))
-    while not os.path.exists(here):
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        user_error(f"--output_dir {out}: {here} is a file: name a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=here, prefix=".grpo-vl-probe-"):
-            pass
-    except OSError as e:
-        user_error(f"--output_dir {out}: cannot write in {here} ({e.strerror or e}): choose a folder you can write to")
-    weights = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors")) \
-        if os.path.isdir(model) else 0
-    free = shutil.disk_usage(here).free
-    if 7 * weights > free:
-        import warnings
-        warnings.warn(f"--output_dir {out}: {free / 1e9:.1f} GB free, and a checkpoint of {model} takes about "
-                      f"{7 * weights / 1e9:.1f} GB: free space, or save fewer (--save_total_limit, --save_steps)")
-
-
 def check_paths(cfg):
     """Local files named in the flags exist (else a path would be looked up on the Hub, and fail far later)."""
     def looks_local(name):
@@ -419,61 +367,6 @@ def check_paths(cfg):
         name = getattr(cfg, flag)
         if name and looks_local(name) and not os.path.exists(os.path.expanduser(name)):
             user_error(f"--{flag} {name}: no such file or folder (looked for {os.path.abspath(os.path.expanduser(name))})")
-
-
-def resolve_output_dir(cfg, is_main):
-    """Decided before anything is written: the checkpoint to resume from, or '' for a run from step 1. An earlier
-    run in output_dir is continued (--resume), deleted (--overwrite true), or the run stops saying so: never
-    silently mixed with this one."""
-    out = cfg.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        user_error(f"--output_dir {out} is a file: name a folder")
-    earlier = sorted(e for e in (os.listdir(out) if os.path.isdir(out) else []) if e != "base_model")
-    found = trainer.checkpoints(out)
-    not_restartable = [e for e in earlier if e not in STARTED_ONLY and not e.endswith(".tmp")]
-    if cfg.resume and cfg.resume != "auto":
-        if not os.path.exists(os.path.join(cfg.resume, "trainer_state.json")):
-            user_error(f"--resume {cfg.resume}: not a complete checkpoint (no trainer_state.json); complete ones in "
-                       f"{out}: {[os.path.basename(c) for c in found] or 'none'}")
-        resume_from = cfg.resume
-    elif cfg.resume == "auto" and found:
-        resume_from = found[-1]
-    elif cfg.resume == "auto" and not_restartable:
-        user_error(f"--resume auto: {out} holds {', '.join(not_restartable[:6])}"
-                   f"{' ...' if len(not_restartable) > 6 else ''} but no "
-                   "complete checkpoint to continue from (a finished run without checkpoints, an older version's "
-                   "checkpoints, or other files): start over with --overwrite true, or choose another --output_dir")
-    elif earlier and not (cfg.overwrite or cfg.resume == "auto"):
-        user_error(f"--output_dir {out} already holds {', '.join(earlier[:6])}{' ...' if len(earlier) > 6 else ''}: "
-                   "continue that run with --resume auto, start over with --overwrite true (deletes its "
-                   "checkpoints, final/ and logs), or choose another --output_dir")
-    else:
-        if earlier and is_main:  # --overwrite, or --resume auto with no complete checkpoint: start over
-            # (is_main: each node's first process; on a shared disk they may race, so nothing here must fail)
-            if cfg.resume == "auto":
-                print(f"--resume auto: no complete checkpoint in {out}; starting from step 1")
-            for e in earlier:
-                if e in RUN_OUTPUTS or e.startswith("checkpoint-"):
-                    target = os.path.join(out, e)
-                    if os.path.isdir(target):
-                        shutil.rmtree(target, ignore_errors=True)
-                    else:
-                        try:
-                            os.remove(target)
-                        except FileNotFoundError:
-                            pass
-        return ""
-    saved = trainer.saved_state(resume_from)
-    now = dataclasses.asdict(cfg)
-    # a run saved before a flag existed ran as that flag's "off" value
-    was = {**BEFORE_THEIR_FLAGS, **saved["config"]}
-    changed = {k: (v, now.get(k)) for k, v in was.items()
-               if k not in RESUMABLE_CHANGES and str(now.get(k)) != str(v)}  # str: 3 from an older run == "3"
-    if changed:
-        user_error(f"--resume {resume_from}: these flags differ from the run it continues (saved -> now): "
-                   + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items())
-                   + "; give the saved values, or start over with --overwrite true")
-    return resume_from
 
 
 def load_model(path, cfg):
@@ -541,8 +434,8 @@ def main(cfg):
         print("debugpy listening on port 5678: attach your IDE (README: Debugging)", flush=True)
         debugpy.wait_for_client()
     if not output_dir_is_shared(cfg.output_dir, accelerator):  # nodes with disks of their own: each keeps a copy
-        trainer.OUTPUT_ON_EACH_NODE[:] = [True]
-    saved = trainer.saved_state(resume_from) if resume_from else {}
+        checkpoint.OUTPUT_ON_EACH_NODE[:] = [True]
+    saved = checkpoint.saved_state(resume_from) if resume_from else {}
     *_, overlap, tis = rollout_layout(cfg, accelerator)
     check_resumed_layout(saved, overlap, tis, resume_from)
     if accelerator.num_processes > 1:  # every rank resumes from the same step (nodes decide on their own disks)
@@ -560,7 +453,7 @@ def main(cfg):
     sampler = PromptSampler(rows, processor, cfg, accelerator.process_index, accelerator.num_processes, cfg.seed)
     if cfg.epochs > 0:
         cfg.steps = max(1, round(cfg.epochs * len(rows) / (cfg.prompts_per_step * accelerator.num_processes)))
-    if trainer.writes_checkpoints(accelerator):
+    if checkpoint.writes_checkpoints(accelerator):
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         if not (resume_from and os.path.exists(os.path.join(cfg.output_dir, "run.json"))):  # the run's first start
@@ -611,7 +504,7 @@ def main(cfg):
             stop_vllm(llm)
 
     if not stopped:
-        trainer.save_final(policy, processor, accelerator, cfg.output_dir)
+        checkpoint.save_final(policy, processor, accelerator, cfg.output_dir)
     skipped = Counter(dict(sampler.skipped))
     if accelerator.num_processes > 1:  # the end summary counts every rank's skipped rows
         from accelerate.utils import gather_object
@@ -778,12 +671,12 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             # run on one), without its per-tensor check: 6 launches for each of 729 tensors, ~0.1 s a step of the
             # 2B model's update with the GPU idle
             ds_plugin.deepspeed_config["bf16"]["check_grad_overflow"] = False
-        if trainer.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
+        if checkpoint.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
             ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
     processor = load_processor(path, cfg)
     if cfg.lora_rank:
         try:
-            trainer.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         except ValueError as e:  # (no layer matched)
             user_error(f"--lora_targets {cfg.lora_targets!r}: {e} (language, all, or a regex of module names)")
     else:
@@ -814,7 +707,7 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
     if ref_model is not None:
         ref_model = prepare_reference(LogProbModel(ref_model, **scoring), accelerator)
     elif cfg.lora_rank and cfg.beta > 0:
-        ref_model = trainer.without_adapters(policy, model)
+        ref_model = without_adapters(policy, model)
     return policy, ref_model, optimizer, processor, suppressed
 
 
@@ -831,40 +724,6 @@ def stop_after_this_step(signum, frame):
     if int(os.environ.get("RANK", "0")) == 0:  # os.write: print() may be mid-write in this very thread
         os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop now)\n"
                  .encode())
-
-
-def resume(path, cfg, accelerator, sampler, sync):
-    """Loads the checkpoint at `path` into the prepared model, optimizer, RNGs and sampler, copies the weights into
-    the rollout engine and puts the logs back to that step; returns the metrics of the steps done and the
-    rollout generated ahead (--overlap), or None."""
-    saved = trainer.saved_state(path)["num_processes"]
-    if saved != accelerator.num_processes:
-        user_error(f"--resume {path}: it was written by {saved} training processes and this run has "
-                   f"{accelerator.num_processes}: resume with the same GPU count")
-    history, pending = trainer.load_checkpoint(path, accelerator, sampler)
-    if sync is not None:
-        sync()
-    done = history[-1]["step"]
-    if trainer.writes_checkpoints(accelerator):  # later checkpoints belong to the abandoned run: never resumed
-        for later in trainer.checkpoints(cfg.output_dir):
-            if int(later.rsplit("-", 1)[1]) > done:
-                print(f"resuming from step {done}: removing {later} (from the run that went on from there)")
-                shutil.rmtree(later, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
-        trimmed = [(metrics, history)]
-        for name in ("completions.jsonl", "eval_completions.jsonl"):  # the steps after the checkpoint's are gone
-            path = os.path.join(cfg.output_dir, name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    trimmed.append((path, [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= done]))
-        for name, rows in trimmed:
-            if os.path.exists(name):
-                os.remove(name)
-            write_jsonl(name, rows)
-        print(f"resumed from {path}: step {done} of {cfg.steps} done", flush=True)
-    return history, pending
 
 
 def check_model(name):
@@ -952,23 +811,6 @@ def rollout_layout(cfg, accelerator):
     return rollout, gpu, colocate, overlap, tis
 
 
-def check_resumed_layout(saved, overlap, tis, resume_from):
-    """A checkpoint records whether its rollouts ran one step ahead and were importance-weighted (--overlap and
-    --importance_sampling as resolved): auto may resolve otherwise on other GPUs, and a saved rollout of the
-    step ahead trained without its importance weights, or a run that changes its algorithm halfway, is not
-    the run that was started."""
-    was = saved.get("rollout")
-    now = {"overlap": overlap, "importance_sampling": tis}
-    if was is not None and was != now:
-        def say(d):
-            return (f"rollouts {'one step ahead' if d['overlap'] else 'in step'}, importance sampling "
-                    f"{'on' if d['importance_sampling'] else 'off'}")
-        user_error(f"--resume {resume_from}: that run had {say(was)}; here --overlap "
-                   f"{saved['config']['overlap']} and --importance_sampling {saved['config']['importance_sampling']} "
-                   f"give {say(now)}: resume on the GPU layout it was saved on (vLLM "
-                   f"{'on a GPU of its own' if was['overlap'] else 'colocated or on CPU'})")
-
-
 def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False):
     """(generate, sync_weights, engine or None): a vLLM engine on the last visible GPU (sharing rank 0's when every
     GPU trains, or vLLM's CPU backend), fed new weights after each step; or transformers' generate()."""
@@ -986,35 +828,13 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
     rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     sequences = cfg.prompts_per_step * cfg.num_generations * world  # what the engine samples at once
     llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences), owner)
-    sync = make_weight_sync(llm, lambda: trainer.hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb,
+    sync = make_weight_sync(llm, lambda: hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb,
                             owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)
     return (lambda prompts, n, background=False, sync_follows=False: vllm_generate(
         llm, prompts, n, cfg, suppressed, rank, world, background, sync_follows)), sync, llm
-
-
-def output_dir_is_shared(out, accelerator):
-    """Whether all nodes see one output_dir (a shared file system) or each its own disk: each node's first process
-    leaves a mark there and looks for the others'."""
-    import glob
-
-    import torch.distributed as dist
-    nodes = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    if nodes <= 1:
-        return True
-    mark = os.path.join(out, f".node-mark-{accelerator.process_index}")
-    if accelerator.is_local_main_process:
-        os.makedirs(out, exist_ok=True)
-        open(mark, "w").close()
-    accelerator.wait_for_everyone()
-    seen = torch.tensor([len(glob.glob(os.path.join(out, ".node-mark-*")))], device=accelerator.device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process:
-        os.remove(mark)
-    return int(seen.item()) >= nodes
 
 
 def fix_cpu_deepspeed_state(accelerator):
@@ -1083,7 +903,7 @@ def cli(argv=None):
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except trainer.SaveError as e:  # a full or failing disk, on the rank that wrote
+    except checkpoint.SaveError as e:  # a full or failing disk, on the rank that wrote
         print(e, file=sys.stderr)
         code = 1
     sys.stdout.flush()

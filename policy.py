@@ -315,3 +315,84 @@ class LogProbModel(torch.nn.Module):
     def forward(self, batch):
         return completion_logprobs(self.model, batch, self.temperature, self.suppressed_ids, self.top_p,
                                    blank_image=self.blank_image, blank_video=self.blank_video)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (peft): adapters injected into the Hugging Face model in place, so everything else sees the same model.
+
+LORA_TARGETS = {  # module names (peft's target_modules: a regex matched whole) of each --lora_targets choice
+    "language": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    "all": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|"
+           r"visual\.blocks.*\.(qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))"}
+
+
+def add_lora(model, rank, alpha, targets):
+    """LoRA adapters of `rank` on the `targets` linear layers (a LORA_TARGETS key or a regex), scaled by alpha /
+    rank (alpha 0: 2 x rank); they alone train (B starts at zero: the model starts as the base). Returns the
+    peft LoraConfig (saved with the adapter)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
+                        target_modules=LORA_TARGETS.get(targets, targets))
+    try:
+        inject_adapter_in_model(config, model)  # freezes everything but the adapters
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise ValueError("it matches no linear layer of this model") from e
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("it matches no linear layer of this model")
+    return config
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Context: the model without its adapters: the base weights, which a LoRA run's KL term compares against
+    (the reference model, with no second copy in memory)."""
+    layers = [m for _, m in lora_layers(model)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def without_adapters(policy, model):
+    """A LoRA run's reference: the policy's own forward (a call of its engine, as update_policy's every forward)
+    with the adapters of `model`, the Hugging Face model inside, disabled."""
+    def forward(batch):
+        with adapters_disabled(model):
+            return policy(batch)
+    return forward
+
+
+def hf_weights(model, merge=True):
+    """(name, tensor) of the Hugging Face model as its own files name them: each LoRA layer's base weight with its
+    adapter merged in (W + alpha / r x B A, summed in float32 and rounded once to the weight's dtype; as trainable:
+    it changes with every step), the adapters themselves left out; without adapters,
+    model.named_parameters(remove_duplicate=False). What vLLM and a saved model get. merge=False (a rank that
+    sends nothing): the base weights under those names, no merged copies made. In bf16 a merged weight keeps
+    only what of the adapter's change is over its rounding (2^-9 of the weight): README, LoRA."""
+    lora = dict(lora_layers(model))
+    if not lora:
+        return list(model.named_parameters(remove_duplicate=False))
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue
+        if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in lora:
+            layer = lora[owner.removesuffix(".base_layer")]
+            if leaf == "weight" and merge:
+                with torch.no_grad():
+                    delta = layer.get_delta_weight(layer.active_adapters[0]).float()
+                    p = (p.float() + delta).to(p.dtype).requires_grad_(True)
+            elif leaf == "weight":
+                p = p.detach().requires_grad_(True)  # (a view: no copy)
+            name = f"{owner.removesuffix('.base_layer')}.{leaf}"
+        out.append((name, p))
+    return out

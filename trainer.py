@@ -16,20 +16,15 @@ Where this departs from plain GRPO (Shao et al. 2024, DeepSeekMath), each a conf
   the cap (TRL's vllm_importance_sampling_mode, after Yao et al. 2025, "Your efficient RL framework secretly
   brings you off-policy RL training").
 """
-import contextlib
-import dataclasses
-import json
 import math
 import os
-import pickle
-import shutil
 import time
 
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 
-from engine import gather_zero3_params, weight_groups
+from checkpoint import save_checkpoint
+from engine import gather_zero3_params
 from policy import batch_on_device
 from rewards import RewardError, accuracy_reward, compute_rewards, extract_answer
 from utils import DataError, collate, cut_at_eos, save_thumbnail, write_jsonl, write_report
@@ -582,87 +577,6 @@ def train(cfg, model, ref_model, processor, sampler, reward_funcs, generate, acc
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LoRA (peft): adapters injected into the Hugging Face model in place, so everything else sees the same model.
-
-LORA_TARGETS = {  # module names (peft's target_modules: a regex matched whole) of each --lora_targets choice
-    "language": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-    "all": r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|"
-           r"visual\.blocks.*\.(qkv|proj|fc1|fc2|gate_proj|up_proj|down_proj|linear_fc1|linear_fc2))"}
-
-
-def add_lora(model, rank, alpha, targets):
-    """LoRA adapters of `rank` on the `targets` linear layers (a LORA_TARGETS key or a regex), scaled by alpha /
-    rank (alpha 0: 2 x rank); they alone train (B starts at zero: the model starts as the base). Returns the
-    peft LoraConfig (saved with the adapter)."""
-    from peft import LoraConfig, inject_adapter_in_model
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                        target_modules=LORA_TARGETS.get(targets, targets))
-    try:
-        inject_adapter_in_model(config, model)  # freezes everything but the adapters
-    except ValueError as e:  # peft: "Target modules ... not found in the base model"
-        raise ValueError("it matches no linear layer of this model") from e
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("it matches no linear layer of this model")
-    return config
-
-
-def lora_layers(model):
-    from peft.tuners.lora import LoraLayer
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """Context: the model without its adapters: the base weights, which a LoRA run's KL term compares against
-    (the reference model, with no second copy in memory)."""
-    layers = [m for _, m in lora_layers(model)]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-
-
-def without_adapters(policy, model):
-    """A LoRA run's reference: the policy's own forward (a call of its engine, as update_policy's every forward)
-    with the adapters of `model`, the Hugging Face model inside, disabled."""
-    def forward(batch):
-        with adapters_disabled(model):
-            return policy(batch)
-    return forward
-
-
-def hf_weights(model, merge=True):
-    """(name, tensor) of the Hugging Face model as its own files name them: each LoRA layer's base weight with its
-    adapter merged in (W + alpha / r x B A, summed in float32 and rounded once to the weight's dtype; as trainable:
-    it changes with every step), the adapters themselves left out; without adapters,
-    model.named_parameters(remove_duplicate=False). What vLLM and a saved model get. merge=False (a rank that
-    sends nothing): the base weights under those names, no merged copies made. In bf16 a merged weight keeps
-    only what of the adapter's change is over its rounding (2^-9 of the weight): README, LoRA."""
-    lora = dict(lora_layers(model))
-    if not lora:
-        return list(model.named_parameters(remove_duplicate=False))
-    out = []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owner, _, leaf = name.rpartition(".")
-        if ".lora_" in name:
-            continue
-        if owner.endswith(".base_layer") and owner.removesuffix(".base_layer") in lora:
-            layer = lora[owner.removesuffix(".base_layer")]
-            if leaf == "weight" and merge:
-                with torch.no_grad():
-                    delta = layer.get_delta_weight(layer.active_adapters[0]).float()
-                    p = (p.float() + delta).to(p.dtype).requires_grad_(True)
-            elif leaf == "weight":
-                p = p.detach().requires_grad_(True)  # (a view: no copy)
-            name = f"{owner.removesuffix('.base_layer')}.{leaf}"
-        out.append((name, p))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Helpers the loop needs.
 
 def model_eos_ids(model, tok):
@@ -683,151 +597,3 @@ def pad_rows(rows, width):
         out[i, :len(r)] = torch.tensor(r[:width], dtype=torch.float32)
     return out
 
-
-OUTPUT_ON_EACH_NODE = []  # [True] when the nodes do not share output_dir (main.py checks): each keeps its own
-
-
-def writes_checkpoints(accelerator):
-    """Rank 0 writes the models and checkpoint files; so does each node's first process when nodes have disks of
-    their own (a resumed run on that node needs them there)."""
-    return accelerator.is_main_process or (accelerator.is_local_main_process and bool(OUTPUT_ON_EACH_NODE))
-
-
-def save_model(model, processor, accelerator, path):
-    """save_pretrained of the Hugging Face model inside `model` (ZeRO-3 shards gathered) + processor: loadable by
-    transformers and vLLM. With LoRA: the model with its adapters merged (hf_weights), and the adapter alone in
-    path/adapter/ (peft's files: PeftModel.from_pretrained(base, path/adapter))."""
-    hf = accelerator.unwrap_model(model).model
-    if lora_layers(hf):  # (ZeRO-2: the tensors are whole on every rank)
-        copies = {}  # tied weights stay one tensor under both names
-        state = {n: copies.setdefault(id(t), t.detach().to("cpu", copy=True)) for n, t in hf_weights(hf)} \
-            if writes_checkpoints(accelerator) else {}
-        if writes_checkpoints(accelerator):
-            from peft import get_peft_model_state_dict
-            from safetensors.torch import save_file
-            hf.peft_config["default"].save_pretrained(os.path.join(path, "adapter"))
-            save_file({f"base_model.model.{k}": v.detach().cpu().contiguous()  # (PeftModel's names)
-                       for k, v in get_peft_model_state_dict(hf).items()},
-                      os.path.join(path, "adapter", "adapter_model.safetensors"))
-    elif OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
-        state = {}
-        writer = writes_checkpoints(accelerator)
-        for _, group in weight_groups(list(hf.named_parameters())):
-            with gather_zero3_params([p for _, p in group]):  # collective: every rank
-                if writer:
-                    state.update({n: p.detach().to("cpu", copy=True) for n, p in group})
-    else:
-        state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards into rank 0; keys are "model.<hf name>"
-        state = state and {k.removeprefix("model."): v for k, v in state.items()}
-    if writes_checkpoints(accelerator):
-        if OUTPUT_ON_EACH_NODE:  # transformers writes from global rank 0 only; here each node's writer must
-            hf.should_save_on_this_rank = lambda is_main_process: True
-        hf.save_pretrained(path, state_dict=state, safe_serialization=True)
-        hf.__dict__.pop("should_save_on_this_rank", None)
-        processor.save_pretrained(path)
-    accelerator.wait_for_everyone()
-
-
-class SaveError(OSError):
-    """Writing a checkpoint or the final model failed (a full disk, a folder gone read-only): one line."""
-
-
-@contextlib.contextmanager
-def saving(what, path):
-    """Context: an OSError while writing `what` becomes a SaveError saying what and how to go on; the half-written
-    folder `path` is removed (it would hold the space that ran out)."""
-    try:
-        yield
-    except SaveError:
-        raise
-    except (OSError, SafetensorError, RuntimeError) as e:  # safetensors' and torch.save's own write errors
-        if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch.save: "... failed writing file ..."
-            raise
-        shutil.rmtree(path, ignore_errors=True)
-        folder = os.path.dirname(path)
-        free = f", {shutil.disk_usage(folder).free / 1e9:.1f} GB free" if os.path.isdir(folder) else ""
-        reason = getattr(e, "strerror", None) or str(e).split("I/O error: ")[-1].split(" (os error")[0]
-        raise SaveError(f"{reason} writing {what} in {folder}{free}: free space or fix the folder, then run the "
-                        "same command with --resume auto") from None
-
-
-def save_final(model, processor, accelerator, out_dir):
-    """out_dir/final/: the trained model (save_model), written as final.tmp and renamed once complete."""
-    path, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, "final.tmp")
-    with saving("the final model", tmp):
-        if writes_checkpoints(accelerator):  # a run killed while writing it left one
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        save_model(model, processor, accelerator, tmp)
-        if writes_checkpoints(accelerator):
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pending=None, rollout=None):
-    """output_dir/checkpoint-{step}/: the Hugging Face model (loadable by transformers and vLLM) and what a resumed
-    run needs: state/ (accelerate's save_state: DeepSpeed's model and optimizer shards, or torch's; every rank's
-    RNG states), each rank's data position (state/sampler_{rank}.pkl) and, with --overlap, the next step's
-    rollout already generated (state/pending_{rank}.pkl), and trainer_state.json (step, config, process
-    count, the metrics so far, `rollout`: overlap and importance sampling as resolved). Written as
-    checkpoint-{step}.tmp and renamed once every rank is done: a half-written checkpoint is never resumed from (a
-    failed write is removed: SaveError). Keeps the last cfg.save_total_limit (0: all)."""
-    step = history[-1]["step"]
-    path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    tmp = path + ".tmp"
-    writer = writes_checkpoints(accelerator)
-    with saving(f"checkpoint-{step}", tmp):
-        if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        save_model(model, processor, accelerator, tmp)
-        accelerator.save_state(os.path.join(tmp, "state"))
-        os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
-        with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
-            pickle.dump(sampler.state_dict(), f)
-        if pending is not None:
-            with open(os.path.join(tmp, "state", f"pending_{accelerator.process_index}.pkl"), "wb") as f:
-                pickle.dump(pending, f)
-        accelerator.wait_for_everyone()
-        if writer:
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:  # written last: marks the state complete
-                ds = accelerator.state.deepspeed_plugin
-                json.dump({"step": step, "num_processes": accelerator.num_processes, "config": dataclasses.asdict(cfg),
-                           "zero_stage": ds.deepspeed_config["zero_optimization"]["stage"] if ds else None,
-                           "rollout": rollout, "history": history}, f)
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-            for old in checkpoints(cfg.output_dir)[:-cfg.save_total_limit] if cfg.save_total_limit else []:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def checkpoints(out_dir):
-    """The complete checkpoints in out_dir, oldest first."""
-    found = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        step = name.removeprefix("checkpoint-")
-        if step.isdigit() and os.path.exists(os.path.join(out_dir, name, "trainer_state.json")):
-            found.append((int(step), os.path.join(out_dir, name)))
-    return [path for _, path in sorted(found)]
-
-
-def load_checkpoint(path, accelerator, sampler):
-    """Restores what save_checkpoint wrote into the prepared model, optimizer, RNGs and sampler; returns the
-    metrics of the steps done and the pending rollout (None if none was saved)."""
-    accelerator.load_state(os.path.join(path, "state"))
-    with open(os.path.join(path, "state", f"sampler_{accelerator.process_index}.pkl"), "rb") as f:
-        sampler.load_state_dict(pickle.load(f))
-    pending = None
-    if os.path.exists(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl")):
-        with open(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl"), "rb") as f:
-            pending = pickle.load(f)
-    return saved_state(path)["history"], pending
-
-
-def saved_state(path):
-    """A checkpoint's trainer_state.json: step, num_processes, config, zero_stage (DeepSpeed's), rollout (overlap and
-    importance sampling as resolved; None in older checkpoints), history."""
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)

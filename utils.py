@@ -6,7 +6,8 @@ import json
 import math
 import os
 import random
-import re
+import signal
+import time
 import warnings
 from collections import Counter
 
@@ -823,3 +824,16 @@ def write_report(out_dir, history, total_steps, last_steps=10):
     with open(os.path.join(out_dir, "report.html.tmp"), "w") as f:
         f.write("\n".join(html))
     os.replace(os.path.join(out_dir, "report.html.tmp"), os.path.join(out_dir, "report.html"))  # never half-written
+
+
+def user_error(message):
+    """Stops the run for a fixable input: rank 0 prints the message; another rank waits 10 s first (the launcher
+    ends the job when a rank exits: had it left first, it could kill rank 0 before rank 0 printed) and is then ended
+    by the launcher's TERM (the default action again, not the stop-after-this-step handler), or, where rank 0
+    did not stop (an error of this rank alone), prints the message with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        raise SystemExit(message)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's TERM ends this rank now (a handler may be set)
+    time.sleep(10)
+    raise SystemExit(f"rank {rank}: {message}")

@@ -14,7 +14,7 @@ import trainer  # noqa: E402
 import engine  # noqa: E402
 
 staging_file, update_policy, hf_weights, updated = (engine.weight_staging_file, trainer.update_policy,
-                                                    trainer.hf_weights, [])
+                                                    main.hf_weights, [])
 NAN = os.environ.get("WEIGHT_COPY_FAULT") == "nan"
 
 
@@ -30,7 +30,8 @@ def update_then_fail(*args, **kwargs):
     return out
 
 
-def nan_weights(model, merge=True):  # what the copy sends: one trained tensor NaN after step 1's update
+def nan_weights(model, merge=True):  # what the copy to vLLM sends (a saved model is not touched): one trained
+    # tensor NaN after step 1's update
     out = hf_weights(model, merge)
     if NAN and updated:
         k = next(i for i, (_, p) in enumerate(out) if p.requires_grad)
@@ -38,7 +39,7 @@ def nan_weights(model, merge=True):  # what the copy sends: one trained tensor N
     return out
 
 
-engine.weight_staging_file, trainer.update_policy, trainer.hf_weights = failing_staging_file, update_then_fail, \
+engine.weight_staging_file, trainer.update_policy, main.hf_weights = failing_staging_file, update_then_fail, \
     nan_weights
 if __name__ == "__main__":
     main.cli()

@@ -286,6 +286,7 @@ def test_resume_refuses_a_config_that_changes_the_math(tmp_path):
     """A checkpoint's run continued with another learning rate, G or model would be a different run: refused,
     naming each difference; flags that change no math (steps, save_steps, ...) may change."""
     sys.path.insert(0, ROOT)
+    import checkpoint
     import main
     out = tmp_path / "run"
     ckpt = out / "checkpoint-4"
@@ -303,7 +304,7 @@ def test_resume_refuses_a_config_that_changes_the_math(tmp_path):
     with pytest.raises(SystemExit, match="--eval_steps 50 -> 3"):  # evaluation draws from the rollouts' RNG
         main.resolve_output_dir(main.Config(output_dir=str(out), resume="auto", eval_steps=3), True)
     # a checkpoint from before --overlap existed ran synchronously: continuing it one step off would change the run
-    older = {k: v for k, v in main.dataclasses.asdict(saved).items() if k not in main.BEFORE_THEIR_FLAGS}
+    older = {k: v for k, v in main.dataclasses.asdict(saved).items() if k not in checkpoint.BEFORE_THEIR_FLAGS}
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "num_processes": 1, "history": [],
                                                          "config": {**older, "zero_stage": 3}}))
     with pytest.raises(SystemExit) as e:

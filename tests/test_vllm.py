@@ -139,17 +139,17 @@ def exact_copy(engine):
 
 
 def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
-    """--lora_rank: vLLM gets each adapted layer's base weight with its adapter merged in (trainer.hf_weights,
+    """--lora_rank: vLLM gets each adapted layer's base weight with its adapter merged in (policy.hf_weights,
     vision blocks included): after the copy the sampler and the trainer agree; when training moves the adapters
     and one adapted layer goes over with its base weight only, its adapter is lost and the log-probs show it."""
     import copy
-    import trainer
+    import policy
     from engine import make_weight_sync
     model = engine["model"]
     model.load_state_dict(engine["initial"])
     lora = copy.deepcopy(model)
-    trainer.add_lora(lora, 4, 0, "all")
-    assert any(n.startswith("model.visual.blocks") for n, _ in trainer.lora_layers(lora))
+    policy.add_lora(lora, 4, 0, "all")
+    assert any(n.startswith("model.visual.blocks") for n, _ in policy.lora_layers(lora))
 
     def train(seed):  # stands in for training: every adapter moves (B leaves zero)
         move_adapters(lora, seed, 0.3)
@@ -159,7 +159,7 @@ def test_a_lora_model_reaches_vllm_merged_and_an_unmerged_layer_shows(engine):
     def named():
         own = dict(lora.named_parameters())
         return [(n, own[f"{layer}.base_layer.weight"].detach().clone().requires_grad_(True)
-                 if n in unmerged else p) for n, p in trainer.hf_weights(lora)]
+                 if n in unmerged else p) for n, p in policy.hf_weights(lora)]
     sync = make_weight_sync(engine["llm"], named, dtype=engine["dtype"])
     train(1)
     sync()
@@ -191,13 +191,13 @@ def test_a_copy_sends_whole_layers_where_vllm_fuses_what_trains_with_what_does_n
     later copy sends every tensor of a layer that holds a trained one; sending the trained tensors alone fails
     this test (k's rows and every bias of the layer zeroed)."""
     import copy
-    import trainer
+    import policy
     from engine import make_weight_sync
     model = engine["model"]
     model.load_state_dict(engine["initial"])
     lora = copy.deepcopy(model)
-    trainer.add_lora(lora, 4, 0, r".*(language_model.*\.(q_proj|v_proj)|visual\.blocks\.0\..*(qkv|fc1|linear_fc1))")
-    sync = make_weight_sync(engine["llm"], lambda: trainer.hf_weights(lora), dtype=engine["dtype"])
+    policy.add_lora(lora, 4, 0, r".*(language_model.*\.(q_proj|v_proj)|visual\.blocks\.0\..*(qkv|fc1|linear_fc1))")
+    sync = make_weight_sync(engine["llm"], lambda: policy.hf_weights(lora), dtype=engine["dtype"])
     sync()  # the first copy: everything
     move_adapters(lora, 3, 0.1)
     sync()  # a later copy: the layers that train
@@ -217,13 +217,12 @@ def move_adapters(lora, seed, scale):
 
 def merge_rounding(e, base, lora):
     """Mean |log p| difference, over the test prompts with tokens drawn at random, between the LoRA model and a copy
-    of its `base` holding the merged weights (trainer.hf_weights, rounded to the model's dtype): what merging
+    of its `base` holding the merged weights (policy.hf_weights, rounded to the model's dtype): what merging
     alone changes, on the trainer's side."""
     import copy
     import policy
-    import trainer
     from utils import collate
-    weights, plain = dict(trainer.hf_weights(lora)), copy.deepcopy(base)
+    weights, plain = dict(policy.hf_weights(lora)), copy.deepcopy(base)
     with torch.no_grad():
         for n, p in plain.named_parameters():
             p.copy_(weights[n])
