@@ -296,12 +296,23 @@ def kv_cache_bytes(path, cfg, sequences, itemsize):
 
 
 def model_bytes(path):
-    """Bytes of the model's weights in bf16 (built on the meta device from its config)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForImageTextToText
-    with init_empty_weights():
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
-    return sum(p.numel() for p in model.parameters()) * 2
+    """Bytes of the model's weights in bf16, counted from its safetensors files' headers (`path`: a folder, or a
+    hub name already in the local cache). No model is built: under ZeRO-3 transformers builds one through
+    DeepSpeed's zero.Init, which cannot take the meta device."""
+    import glob
+
+    from safetensors import safe_open
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(path, allow_patterns=["*.safetensors"], local_files_only=True)
+    numel = 0
+    for file in glob.glob(os.path.join(path, "*.safetensors")):
+        with safe_open(file, "pt") as f:
+            numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    if not numel:
+        raise ValueError(f"{path}: no safetensors weights to size vLLM's memory share from: give "
+                         "--vllm_gpu_memory_utilization (a fixed share) or a model saved as safetensors")
+    return numel * 2
 
 
 def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, sequences=0):

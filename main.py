@@ -290,7 +290,7 @@ def preflight(cfg, is_main):
     """Every check that needs no model: flags' paths, output_dir (the checkpoint to resume from), the data, the
     model's config. Returns (checkpoint or '', load_data's result). train.sh runs it alone first (--check_only)."""
     check_paths(cfg)
-    check_output_dir(cfg.output_dir, cfg.model)
+    check_output_dir(cfg.output_dir, cfg.model, lora=cfg.lora_rank > 0)
     resume_from = resolve_output_dir(cfg, is_main)
     data = load_data(cfg)
     check_model(cfg.model)
@@ -673,6 +673,9 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             ds_plugin.deepspeed_config["bf16"]["check_grad_overflow"] = False
         if checkpoint.OUTPUT_ON_EACH_NODE:  # each node's checkpoint holds what its ranks need to resume
             ds_plugin.deepspeed_config["checkpoint"] = {"use_node_local_storage": True}
+        # transformers reads the stage from its copy of the config that accelerate made at the start, from
+        # ds_accel.yaml (ZeRO-3): renewed, so that it builds, loads and generates as under the stage picked here
+        ds_plugin.set_deepspeed_weakref()
     processor = load_processor(path, cfg)
     if cfg.lora_rank:
         try:

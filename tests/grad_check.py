@@ -6,6 +6,7 @@
 - every rank's rollout saved to output_dir/rollout-step{S}-rank{R}.pt, for a naive one-process recomputation.
 Everything else is the real main.main -> trainer.train (DeepSpeed ZeRO-3 when launched by accelerate).
     python tests/grad_check.py [main.py flags]"""
+import json
 import os
 import sys
 
@@ -21,6 +22,14 @@ def sgd(params, cfg):
 
 
 def recording_rollout(cfg, *args, **kwargs):
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    import engine
+    if int(os.environ.get("RANK", "0")) == 0:  # the ZeRO stage transformers sees once the trainer is prepared, and
+        # the weights' size as the colocated engine's start reads it (args[0]: the model's folder)
+        with open(os.path.join(cfg.output_dir, "deepspeed_seen.json"), "w") as f:
+            json.dump({"transformers_zero3": is_deepspeed_zero3_enabled(), "model_bytes": engine.model_bytes(args[0])},
+                      f)
     generate, sync, llm = make_rollout(cfg, *args, **kwargs)
     calls = [0]
 

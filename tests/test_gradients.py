@@ -236,6 +236,7 @@ def test_zero2_compiled_step_equals_the_naive_full_batch_gradient(tmp_path):
     p = grad_check(out, 2, "dapo", 2, 0.1, ["--rollout", "hf", "--zero_stage", "2", "--compile", "true"])
     assert "ZeRO-2, compiled layers" in p.stdout
     assert_update_is_the_full_batch_gradient(out, "dapo", 2, 0.1, 8, 4, n_expected=16)
+    assert_transformers_sees_the_stage(out, zero3=False)
 
 
 def sampled_from(out, step, G=4):
@@ -321,6 +322,21 @@ def test_one_zero3_process_steps_the_full_batch_gradient_when_micro_batches_lack
     assert has_image(out, 3) == [False] * 4, has_image(out, 3)
     for step in (2, 3):
         assert_update_is_the_full_batch_gradient(out, "grpo", 1, 0.0, 8, 4, n_expected=16, step=step)
+    assert_transformers_sees_the_stage(out, zero3=True)
+
+
+def assert_transformers_sees_the_stage(out, zero3):
+    """ds_accel.yaml says ZeRO-3; main.py picks the stage after accelerate started. transformers must see the one
+    picked (under a stale ZeRO-3 it built every model through zero.Init: the colocated engine's start, which sizes
+    vLLM's share from the weights, failed on the meta device), and the weights' size must be the model's."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+    with open(os.path.join(out, "deepspeed_seen.json")) as f:
+        seen = json.load(f)
+    assert seen["transformers_zero3"] is zero3, seen
+    model = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "base_model"))
+    assert seen["model_bytes"] == 2 * sum(p.numel() for p in model.parameters()), seen
 
 
 @pytest.mark.slow
