@@ -32,10 +32,11 @@ RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_
                      "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_enforce_eager", "check_only", "verbose"}
 
 
-def check_output_dir(out, model):
+def check_output_dir(out, model, lora=False):
     """output_dir (or the folder it would be made in) can be written: a probe file there, before anything loads.
     Warns when its disk has less free space than a checkpoint of a local model takes (weights, and float32 master
-    weights and Adam state: about 7x the bf16 weights)."""
+    weights and Adam state: about 7x the bf16 weights; with LoRA the merged weights and the small adapter's state:
+    about 1x)."""
     import tempfile
     here = os.path.abspath(os.path.expanduser(out))
     while not os.path.exists(here):
@@ -50,7 +51,7 @@ def check_output_dir(out, model):
     weights = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors")) \
         if os.path.isdir(model) else 0
     free = shutil.disk_usage(here).free
-    need = 7 * weights
+    need = (1 if lora else 7) * weights
     if need > free:
         import warnings
         warnings.warn(f"--output_dir {out}: {free / 1e9:.1f} GB free, and a checkpoint of {model} takes about "

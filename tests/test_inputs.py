@@ -89,6 +89,25 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     assert p.returncode != 0 and "is a file: name a folder" in p.stderr and "Traceback" not in p.stderr
 
 
+
+def test_the_free_space_warning_counts_what_a_checkpoint_holds(tmp_path):
+    """A full fine-tuning checkpoint holds about 7x the bf16 weights (the model, float32 master weights and Adam
+    state), a LoRA one about 1x (the merged model, the adapter's small state). Weights of a third of the disk's
+    free space (a sparse file: its size counts, no space is taken) warn for the first and not for the second."""
+    import shutil
+    import warnings
+
+    from checkpoint import check_output_dir
+    model = tmp_path / "model"
+    model.mkdir()
+    with open(model / "model.safetensors", "wb") as f:
+        f.truncate(shutil.disk_usage(tmp_path).free // 3)
+    for lora, warns in ((False, True), (True, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_output_dir(str(tmp_path / "out"), str(model), lora=lora)
+        assert any("GB free" in str(w.message) for w in caught) == warns, (lora, [str(w.message) for w in caught])
+
 def line_art(path, mode):
     """Black strokes on a transparent ground (RGBA), as drawn by most tools; or the same as a palette image."""
     img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
