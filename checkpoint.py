@@ -35,8 +35,8 @@ RESUMABLE_CHANGES = {"output_dir", "steps", "epochs", "save_steps", "save_total_
 def check_output_dir(out, model, lora=False):
     """output_dir (or the folder it would be made in) can be written: a probe file there, before anything loads.
     Warns when its disk has less free space than a checkpoint of a local model takes (weights, and float32 master
-    weights and Adam state: about 7x the bf16 weights; with LoRA the merged weights and the small adapter's state:
-    about 1x)."""
+    weights and Adam state: 7x the bf16 weights, 8x under ZeRO-2, whose module state holds the weights once more;
+    with LoRA the merged model and DeepSpeed's module state, frozen base included: 2x)."""
     import tempfile
     here = os.path.abspath(os.path.expanduser(out))
     while not os.path.exists(here):
@@ -51,7 +51,7 @@ def check_output_dir(out, model, lora=False):
     weights = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors")) \
         if os.path.isdir(model) else 0
     free = shutil.disk_usage(here).free
-    need = (1 if lora else 7) * weights
+    need = (2 if lora else 8) * weights
     if need > free:
         import warnings
         warnings.warn(f"--output_dir {out}: {free / 1e9:.1f} GB free, and a checkpoint of {model} takes about "
@@ -284,10 +284,10 @@ def resume(path, cfg, accelerator, sampler, sync):
         metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
         trimmed = [(metrics, history)]
         for name in ("completions.jsonl", "eval_completions.jsonl"):  # the steps after the checkpoint's are gone
-            path = os.path.join(cfg.output_dir, name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    trimmed.append((path, [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= done]))
+            log = os.path.join(cfg.output_dir, name)
+            if os.path.exists(log):
+                with open(log) as f:
+                    trimmed.append((log, [r for r in map(json.loads, filter(str.strip, f)) if r.get("step", 0) <= done]))
         for name, rows in trimmed:
             if os.path.exists(name):
                 os.remove(name)

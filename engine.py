@@ -2,6 +2,7 @@
 ZeRO-3 shards into it, the groups of ranks an engine serves, and the watchdog that leaves no process or staging
 file behind."""
 import contextlib
+import json
 import logging
 import math
 import os
@@ -305,13 +306,17 @@ def model_bytes(path):
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
         path = snapshot_download(path, allow_patterns=["*.safetensors"], local_files_only=True)
+    files = glob.glob(os.path.join(path, "*.safetensors"))
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):  # its shards alone (not a stray copy)
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
     numel = 0
-    for file in glob.glob(os.path.join(path, "*.safetensors")):
+    for file in files:
         with safe_open(file, "pt") as f:
             numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     if not numel:
-        raise ValueError(f"{path}: no safetensors weights to size vLLM's memory share from: give "
-                         "--vllm_gpu_memory_utilization (a fixed share) or a model saved as safetensors")
+        raise SystemExit(f"{path}: no safetensors weights to size vLLM's share of the GPU from: give "
+                         "--vllm_gpu_memory_utilization (a fixed share), or save the model as safetensors")
     return numel * 2
 
 

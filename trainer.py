@@ -596,4 +596,3 @@ def pad_rows(rows, width):
     for i, r in enumerate(rows):
         out[i, :len(r)] = torch.tensor(r[:width], dtype=torch.float32)
     return out
-

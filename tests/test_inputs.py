@@ -89,11 +89,11 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     assert p.returncode != 0 and "is a file: name a folder" in p.stderr and "Traceback" not in p.stderr
 
 
-
 def test_the_free_space_warning_counts_what_a_checkpoint_holds(tmp_path):
-    """A full fine-tuning checkpoint holds about 7x the bf16 weights (the model, float32 master weights and Adam
-    state), a LoRA one about 1x (the merged model, the adapter's small state). Weights of a third of the disk's
-    free space (a sparse file: its size counts, no space is taken) warn for the first and not for the second."""
+    """A full fine-tuning checkpoint holds about 8x the bf16 weights (the model, float32 master weights and Adam
+    state, ZeRO-2's module state), a LoRA one about 2x (the merged model, DeepSpeed's module state). Weights of a
+    third of the disk's free space (a sparse file: its size counts, no space is taken) warn for the first and not
+    for the second."""
     import shutil
     import warnings
 
@@ -490,3 +490,25 @@ def test_offload_auto_offloads_the_optimizer_only_where_full_fine_tuning_would_n
                                          r".*--lora_rank"):
         resolve_offload(full, model, 2, fits * 0.4, 16 * n * 0.99, on_node=2)
     assert resolve_offload(full, model, 2, fits * 0.4, 16 * n * 1.01, on_node=2) == "optimizer"
+
+
+def test_the_colocated_engine_sizes_the_weights_from_their_files(tmp_path, tiny_qwen2_vl):
+    """vLLM's colocated share counts the weights from the safetensors headers (no model built: under ZeRO-3 that
+    went through zero.Init and failed): the model's own parameter count in bf16, tied embeddings once, from
+    shards named by the index and not a stray copy beside them; a folder without safetensors stops with one line."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    import engine
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl)
+    expected = 2 * sum(p.numel() for p in model.parameters())
+    assert engine.model_bytes(tiny_qwen2_vl) == expected
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    shutil.copy(os.path.join(tiny_qwen2_vl, "model.safetensors"), sharded / "old-copy.safetensors")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    assert engine.model_bytes(str(sharded)) == expected
+    (tmp_path / "bin").mkdir()
+    with pytest.raises(SystemExit, match="no safetensors weights"):
+        engine.model_bytes(str(tmp_path / "bin"))

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_ctrl_c_then_kill_9_each_resumed_ends_as_the_uninterrupted_run(tmp_path,
     print(f"stopped after step {step}, killed after step {max(m['step'] for m in metrics(out))}")
 
     p = run([*args, "--resume", "auto"])
-    assert "resumed from" in p.stdout + p.stderr
+    assert re.search(r"resumed from \S+/checkpoint-\d+: step \d+ of 6 done", p.stdout + p.stderr), p.stdout[-2000:]
     same_run(whole, out)
 
 
@@ -354,6 +355,19 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
         ["checkpoint-2", "checkpoint-3"]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
 
+
+@pytest.mark.slow
+def test_a_lora_run_resumed_ends_as_the_uninterrupted_run(tmp_path):
+    """--lora_rank on 2 ZeRO-2 processes: a checkpoint holds the adapters, their Adam state and the RNGs; the frozen
+    base comes from --model again and peft's random A matrices are overwritten by the checkpoint's. Resumed from the
+    uninterrupted run's checkpoint-2 into another folder, steps 3-4 and the final merged model are that run's."""
+    lora = [*RUN, "--rollout", "hf", "--lora_rank", "4", "--trainable", "language", "--steps", "4", "--eval_steps", "0"]
+    whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+    run([*LAUNCH, *lora, "--output_dir", whole])
+    assert os.path.exists(os.path.join(whole, "checkpoint-2", "adapter", "adapter_model.safetensors"))
+    p = run([*LAUNCH, *lora, "--output_dir", resumed, "--resume", os.path.join(whole, "checkpoint-2")])
+    assert re.search(r"resumed from \S+/checkpoint-2: step 2 of 4 done", p.stdout + p.stderr), p.stdout[-2000:]
+    same_run(whole, resumed)
 
 def test_a_reused_base_model_folder_is_rebuilt_for_another_tiny_model_or_seed(tmp_path):
     """Before: the old base_model/ was trained whatever --model tiny-qwen2.5 or --seed said."""
