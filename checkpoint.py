@@ -36,7 +36,7 @@ def check_output_dir(out, model, lora=False):
     """output_dir (or the folder it would be made in) can be written: a probe file there, before anything loads.
     Warns when its disk has less free space than a checkpoint of a local model takes (weights, and float32 master
     weights and Adam state: 7x the bf16 weights, 8x under ZeRO-2, whose module state holds the weights once more;
-    with LoRA the merged model and DeepSpeed's module state, frozen base included: 2x)."""
+    with LoRA the merged model and the adapters' small state: 1x)."""
     import tempfile
     here = os.path.abspath(os.path.expanduser(out))
     while not os.path.exists(here):
@@ -51,7 +51,7 @@ def check_output_dir(out, model, lora=False):
     weights = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors")) \
         if os.path.isdir(model) else 0
     free = shutil.disk_usage(here).free
-    need = (2 if lora else 8) * weights
+    need = (1 if lora else 8) * weights
     if need > free:
         import warnings
         warnings.warn(f"--output_dir {out}: {free / 1e9:.1f} GB free, and a checkpoint of {model} takes about "
@@ -211,7 +211,10 @@ def save_checkpoint(model, processor, accelerator, sampler, history, cfg, pendin
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         save_model(model, processor, accelerator, tmp)
-        accelerator.save_state(os.path.join(tmp, "state"))
+        # LoRA: DeepSpeed's state holds the adapters alone (the frozen base is --model's, loaded again on resume);
+        # with the base it took as much space as the merged model beside it
+        lora = cfg.lora_rank and accelerator.state.deepspeed_plugin is not None
+        accelerator.save_state(os.path.join(tmp, "state"), **({"exclude_frozen_parameters": True} if lora else {}))
         os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
         with open(os.path.join(tmp, "state", f"sampler_{accelerator.process_index}.pkl"), "wb") as f:
             pickle.dump(sampler.state_dict(), f)
@@ -245,14 +248,16 @@ def checkpoints(out_dir):
 def load_checkpoint(path, accelerator, sampler):
     """Restores what save_checkpoint wrote into the prepared model, optimizer, RNGs and sampler; returns the
     metrics of the steps done and the pending rollout (None if none was saved)."""
-    accelerator.load_state(os.path.join(path, "state"))
+    state = saved_state(path)
+    lora = state["config"].get("lora_rank") and accelerator.state.deepspeed_plugin is not None
+    accelerator.load_state(os.path.join(path, "state"), **({"load_module_strict": False} if lora else {}))
     with open(os.path.join(path, "state", f"sampler_{accelerator.process_index}.pkl"), "rb") as f:
         sampler.load_state_dict(pickle.load(f))
     pending = None
     if os.path.exists(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl")):
         with open(os.path.join(path, "state", f"pending_{accelerator.process_index}.pkl"), "rb") as f:
             pending = pickle.load(f)
-    return saved_state(path)["history"], pending
+    return state["history"], pending
 
 
 def saved_state(path):

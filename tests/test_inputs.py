@@ -91,7 +91,7 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
 
 def test_the_free_space_warning_counts_what_a_checkpoint_holds(tmp_path):
     """A full fine-tuning checkpoint holds about 8x the bf16 weights (the model, float32 master weights and Adam
-    state, ZeRO-2's module state), a LoRA one about 2x (the merged model, DeepSpeed's module state). Weights of a
+    state, ZeRO-2's module state), a LoRA one about 1x (the merged model, the adapters' small state). Weights of a
     third of the disk's free space (a sparse file: its size counts, no space is taken) warn for the first and not
     for the second."""
     import shutil

@@ -358,13 +358,18 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_ones(tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_run_resumed_ends_as_the_uninterrupted_run(tmp_path):
-    """--lora_rank on 2 ZeRO-2 processes: a checkpoint holds the adapters, their Adam state and the RNGs; the frozen
-    base comes from --model again and peft's random A matrices are overwritten by the checkpoint's. Resumed from the
-    uninterrupted run's checkpoint-2 into another folder, steps 3-4 and the final merged model are that run's."""
+    """--lora_rank on 2 ZeRO-2 processes: a checkpoint's DeepSpeed state holds the adapters, their Adam state and the
+    RNGs, not the frozen base (it comes from --model again; peft's random A matrices are overwritten by the
+    checkpoint's). Resumed from the uninterrupted run's checkpoint-2 into another folder, steps 3-4 and the final
+    merged model are that run's."""
     lora = [*RUN, "--rollout", "hf", "--lora_rank", "4", "--trainable", "language", "--steps", "4", "--eval_steps", "0"]
     whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
     run([*LAUNCH, *lora, "--output_dir", whole])
     assert os.path.exists(os.path.join(whole, "checkpoint-2", "adapter", "adapter_model.safetensors"))
+    module_state = os.path.getsize(os.path.join(whole, "checkpoint-2", "state", "pytorch_model",
+                                                "mp_rank_00_model_states.pt"))
+    merged = os.path.getsize(os.path.join(whole, "checkpoint-2", "model.safetensors"))
+    assert module_state < 0.1 * merged, (module_state, merged)  # with the base: 1.0x
     p = run([*LAUNCH, *lora, "--output_dir", resumed, "--resume", os.path.join(whole, "checkpoint-2")])
     assert re.search(r"resumed from \S+/checkpoint-2: step 2 of 4 done", p.stdout + p.stderr), p.stdout[-2000:]
     same_run(whole, resumed)
