@@ -306,10 +306,12 @@ def model_bytes(path):
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
         path = snapshot_download(path, allow_patterns=["*.safetensors"], local_files_only=True)
-    files = glob.glob(os.path.join(path, "*.safetensors"))
-    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):  # its shards alone (not a stray copy)
-        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):  # its shards alone (not a stray copy beside them)
+        with open(index) as f:
             files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        files = glob.glob(os.path.join(path, "*.safetensors"))
     numel = 0
     for file in files:
         with safe_open(file, "pt") as f:
