@@ -166,7 +166,7 @@ class VLLMWeightLoader:
         just wrote, through reload_weights (which copies them into the engine); returns the vLLM parameters set."""
         return self.reload_flat(torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r+")), entries)
 
-    def begin_copy(self, layerwise=True):
+    def begin_copy(self, layerwise=False):
         """Starts a copy that arrives in several loads (load_ipc_weights). layerwise: inside one update session of
         vLLM's layerwise reload, whose set-up and finish walk every module of the model (once a copy rather than
         once a bucket), and which loads a layer into fresh memory once it has all its tensors, processes it (what
@@ -902,8 +902,10 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
         else:
             loaded.update(llm.collective_rpc("load_hf_weights", args=staged)[0])
 
-    on_rank0(lambda: ipc and llm.collective_rpc("begin_copy", args=(getattr(llm, "layerwise_copy", True),)),
-             is_main)  # IPC: one begin and end for all buckets
+    # IPC: one begin and end for all buckets, loaded straight into vLLM's tensors (an unquantized model on a GPU
+    # needs nothing more; tests/bench_step.py --sync_variants layerwise,direct times both)
+    on_rank0(lambda: ipc and llm.collective_rpc("begin_copy", args=(getattr(llm, "layerwise_copy", False),)),
+             is_main)
     for bucket in weight_buckets(named_params, bucket_mb):
         with gather_zero3_params(list({id(p): p for _, p in bucket}.values())):
             staged = on_rank0(lambda: stage(bucket), is_main)

@@ -432,7 +432,7 @@ def main_bench():
             return engine.make_weight_sync(llm, lambda: model.named_parameters(remove_duplicate=False), bucket_mb,
                                            True, torch.bfloat16 if n_gpu else torch.float32)
         rollouts_and_copies("ours", weight_sync(cfg.vllm_sync_bucket_mb))
-        default = getattr(llm, "layerwise_copy", True)
+        default = getattr(llm, "layerwise_copy", False)
         for variant in sync_variants:
             llm.layerwise_copy = {"direct": False, "layerwise": True}.get(variant, default)
             bucket = int(variant.removeprefix("bucket")) if variant.startswith("bucket") else cfg.vllm_sync_bucket_mb

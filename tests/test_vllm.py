@@ -97,7 +97,7 @@ def perturb(model, scale=0.02, seed=0):
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "direct"])
 def test_weight_copy_is_exact_vision_tower_included(engine, layerwise):
     """Every tensor's change reaches vLLM, each part of the vision tower included; the IPC copy (colocated) both
-    through vLLM's layerwise reload (the default) and straight into its tensors (tests/bench_step.py's direct)."""
+    through vLLM's layerwise reload and straight into its tensors (the default)."""
     if not layerwise and engine["llm"].weight_transfer != "ipc":
         pytest.skip("only the colocated IPC copy loads straight into vLLM's tensors")
     engine["llm"].layerwise_copy = layerwise
