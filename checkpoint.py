@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 
 from engine import gather_zero3_params, weight_groups
-from policy import hf_weights, lora_layers
+from policy import hf_weights, lora_layers, save_adapter
 from utils import user_error, write_jsonl
 
 
@@ -132,12 +132,7 @@ def save_model(model, processor, accelerator, path):
         state = {n: copies.setdefault(id(t), t.detach().to("cpu", copy=True)) for n, t in hf_weights(hf)} \
             if writes_checkpoints(accelerator) else {}
         if writes_checkpoints(accelerator):
-            from peft import get_peft_model_state_dict
-            from safetensors.torch import save_file
-            hf.peft_config["default"].save_pretrained(os.path.join(path, "adapter"))
-            save_file({f"base_model.model.{k}": v.detach().cpu().contiguous()  # (PeftModel's names)
-                       for k, v in get_peft_model_state_dict(hf).items()},
-                      os.path.join(path, "adapter", "adapter_model.safetensors"))
+            save_adapter(hf, os.path.join(path, "adapter"))
     elif OUTPUT_ON_EACH_NODE:  # every node's writer needs the whole model: gathered layer by layer on every rank
         state = {}
         writer = writes_checkpoints(accelerator)

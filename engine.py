@@ -27,7 +27,7 @@ if os.environ.get("VLLM_LOGGING_LEVEL") == "ERROR":  # main.quiet_libraries (no 
 # the launcher is killed.
 
 GUARD_SOURCE = """
-import os, select, sys, time
+import os, select, shutil, sys, time
 import psutil
 
 
@@ -89,7 +89,7 @@ for p in procs:  # psutil checks the process's start time: a recycled pid is nev
 psutil.wait_procs(procs, timeout=5)
 for path in paths + sorted(shared):
     try:
-        os.remove(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     except OSError:
         pass
 """
@@ -142,8 +142,8 @@ def check_vllm_version():
 class VLLMWeightLoader:
     """Mixed into vLLM's worker (LLM(worker_extension_cls=...)); these methods run in the engine's process."""
 
-    def vllm_param_names(self):
-        return sorted(n for n, _ in self.model_runner.get_model().named_parameters())
+    def vllm_param_names(self):  # (with vLLM's LoRA on, a layer's own weights sit in its base_layer)
+        return sorted(n.replace(".base_layer.", ".") for n, _ in self.model_runner.get_model().named_parameters())
 
     def record_loads(self, start):
         """Starts (start=True) or ends recording the vLLM parameters that model.load_weights sets; the end returns
@@ -322,14 +322,15 @@ def model_bytes(path):
     return numel * 2
 
 
-def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, sequences=0):
+def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, sequences=0, lora_rank=0):
     """One engine for the whole run. `gpu`: the physical GPU id it gets (None: the CPU backend). `sequences`: the
     most it samples at once; sharing memory with the trainer (colocated, or on CPU), its KV cache holds that many
     and no more (--vllm_gpu_memory_utilization: a fixed share instead). `copy_bytes`: the
     largest weight copy the run will send; over NCCL the engine receives a copy whole before loading it, into a
     buffer of that size made here (the default memory share leaves room for it), so that a GPU without room for
     it fails now, with a message, rather than mid-copy. `videos`: the data has a video column (the engine
-    reserves room for one video a prompt)."""
+    reserves room for one video a prompt). `lora_rank`: vLLM applies LoRA adapters of that rank itself
+    (load_adapter)."""
     check_vllm_version()
     from vllm import LLM
     transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
@@ -365,6 +366,9 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     extra = {}
     if (colocate or gpu is None) and sequences and not cfg.vllm_gpu_memory_utilization:
         extra["kv_cache_memory_bytes"] = kv
+    if lora_rank:  # the smallest rank vLLM takes that holds ours; one adapter, the policy's
+        extra.update(enable_lora=True, max_loras=1,
+                     max_lora_rank=min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank))
     if transfer == "nccl":
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
@@ -583,6 +587,9 @@ def stop_vllm(llm):
     path, _ = getattr(llm, "weight_staging", (None, 0))
     if path is not None and os.path.exists(path):
         os.remove(path)
+    if getattr(llm, "adapter", None) is not None:
+        import shutil
+        shutil.rmtree(llm.adapter.lora_path, ignore_errors=True)
 
 
 def vllm_prompt(prompt, bare_video=True):
@@ -648,7 +655,7 @@ def vllm_generate(llm, prompts, n, cfg, suppressed_ids, rank=0, world=1, backgro
                 torch.cuda.set_device(device)
             settle_weight_copy(llm)  # the last copy loaded (and checked) before anything samples from it
             vllm_wake_up(llm)
-            outs = llm.generate(flat_requests, params, use_tqdm=False)
+            outs = llm.generate(flat_requests, params, use_tqdm=False, lora_request=getattr(llm, "adapter", None))
             vllm_sleep(llm, 2 if sync_follows and getattr(llm, "copies_everything", False) else 1)
             flat = [([list(o.token_ids) for o in out.outputs],
                      [[lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)] for o in out.outputs]) for out in outs]
@@ -918,6 +925,33 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     if check is not None:
         on_rank0(lambda: check(loaded), is_main)
     return loaded
+
+
+def make_adapter_sync(llm, weight_sync, model, is_main=True):
+    """--vllm_lora adapter: vLLM applies the LoRA adapters itself (started with start_vllm's lora_rank).
+    `weight_sync` (make_weight_sync of policy.base_weights) sends the frozen base on its first call and nothing
+    later; then the adapters of `model` go as peft's files (policy.save_adapter, a few MB) into a folder the engine
+    reads, in /dev/shm when it has room, and replace the engine's adapter in place. Every rollout samples with it:
+    the base in bf16 plus vLLM's own x A B, computed as the trainer computes it, not a merged weight rounded
+    once more."""
+    import tempfile
+    from policy import save_adapter
+
+    def sync():
+        weight_sync()
+        on_rank0(lambda: load_adapter(), is_main)
+
+    def load_adapter():
+        from vllm.lora.request import LoRARequest
+        if getattr(llm, "adapter", None) is None:
+            folder = tempfile.mkdtemp(prefix=f"grpo_vl_adapter_{os.getpid()}_",
+                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            guard(paths=[folder])  # removed even if this process is killed
+            llm.adapter = LoRARequest("policy", 1, folder)
+        save_adapter(model, llm.adapter.lora_path)
+        llm.llm_engine.add_lora(LoRARequest("policy", 1, llm.adapter.lora_path, load_inplace=True))
+        reset_caches(llm)  # prefixes and image features computed with the old adapters
+    return sync
 
 
 def reset_caches(llm):

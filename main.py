@@ -24,9 +24,9 @@ import torch
 import checkpoint
 import trainer
 from checkpoint import check_output_dir, check_resumed_layout, output_dir_is_shared, resolve_output_dir, resume
-from engine import (engine_groups, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm, vllm_generate,
-                    vllm_sleep)
-from policy import LORA_TARGETS, LogProbModel, add_lora, hf_weights, without_adapters
+from engine import (engine_groups, make_adapter_sync, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm,
+                    vllm_generate, vllm_sleep)
+from policy import LORA_TARGETS, LogProbModel, add_lora, base_weights, hf_weights, lora_layers, without_adapters
 from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
                      overlong_reward)
 from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, user_error,
@@ -83,7 +83,7 @@ class Config:
     min_pixels: int = field(default=3136, metadata={"help": "images are resized to at least this many pixels (qwen-vl-utils convention)"})
     max_pixels: int = field(default=200704, metadata={"help": "and at most this many (200704 = 448x448)"})
     trainable: str = field(default="language", metadata={"help": "what to train: all, language (vision tower frozen), mlp (language MLPs only)", "choices": ("all", "language", "mlp")})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA (peft): adapters of this rank on the --lora_targets layers train and the rest stays frozen; the reference is the model without them; vLLM gets the merged weights (0: no LoRA, --trainable says what trains)"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA (peft): adapters of this rank on the --lora_targets layers train and the rest stays frozen; the reference is the model without them (0: no LoRA, --trainable says what trains)"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA's scale: the adapters add lora_alpha / lora_rank x B A (0: 2 x lora_rank)"})
     lora_targets: str = field(default="language", metadata={"help": "the layers LoRA adapts: language (the language model's attention and MLP projections), all (the vision blocks' too), or a regex of module names (peft's target_modules)"})
     zero_stage: str = field(default="auto", metadata={"help": "DeepSpeed ZeRO stage: 3 shards weights, gradients and optimizer state over the training ranks; 2 keeps whole weights on each (no per-layer gathers: faster, more memory; README, Measured); auto: 2 where that copy takes under half of a GPU's memory, else 3 (3 on CPU)", "choices": ("auto", "2", "3")})
@@ -101,6 +101,7 @@ class Config:
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata={"help": "share of the engine's GPU it may take (0: 0.85 on its own GPU less the weights' share, as NCCL copies land there whole before loading; sharing the trainer's GPU, or on CPU: a KV cache for one step's sequences at their length limits, no more)"})
     vllm_sync_bucket_mb: int = field(default=512, metadata={"help": "weights are gathered (from ZeRO-3 shards) and sent to vLLM in buckets of about this size"})
     vllm_weight_transfer: str = field(default="auto", metadata={"help": "how new weights reach vLLM: nccl (GPU to GPU, vLLM's weight-transfer API; vLLM on a GPU of its own), ipc (vLLM on the training GPU: a CUDA buffer it opens by IPC handle), file (a host staging file the engine maps), auto: nccl or ipc where they apply, else file", "choices": ("auto", "nccl", "ipc", "file")})
+    vllm_lora: str = field(default="merge", metadata={"help": "how vLLM samples from a LoRA policy: merge (each adapted layer's base weight with its adapter merged in, sent after every step) or adapter (the base once, then the adapters alone, which vLLM applies itself; language layers only)", "choices": ("merge", "adapter")})
     vllm_enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs in vLLM (faster start, slower decoding)"})
     overlap: str = field(default="auto", metadata={"help": "one-step-off rollouts: the engine generates step t+1's completions while step t trains (the policy that sampled them is one update behind; --importance_sampling corrects for it); auto: on when vLLM has a GPU of its own; true forces it (vLLM, not colocated)", "choices": ("auto", "true", "false")})
     importance_sampling: str = field(default="auto", metadata={"help": "truncated importance sampling: weigh each token's policy-gradient term by min(p_old / p_sampler, cap) (--importance_sampling_mode: other weights), p_old the trainer's probability before this batch's updates, p_sampler the rollout engine's; auto: on with --overlap", "choices": ("auto", "true", "false")})
@@ -119,7 +120,7 @@ FLAG_GROUPS = {  # --help lists the flags in these groups, in this order
                        "max_images", "video_column", "video_fps", "video_max_frames", "video_max_pixels",
                        "max_prompt_length", "min_pixels", "max_pixels", "strict", "seed"),
     "rollout": ("num_generations", "prompts_per_step", "max_completion_length", "temperature", "top_p", "rollout",
-                "overlap", "vllm_gpu_memory_utilization", "vllm_sync_bucket_mb", "vllm_weight_transfer",
+                "overlap", "vllm_gpu_memory_utilization", "vllm_sync_bucket_mb", "vllm_weight_transfer", "vllm_lora",
                 "vllm_enforce_eager"),
     "loss and optimisation": ("rewards", "reward_weights", "overlong_buffer", "dynamic_sampling",
                               "dynamic_sampling_tries", "loss_type", "beta", "epsilon_low", "epsilon_high",
@@ -228,6 +229,9 @@ def check_config(cfg):
         problems.append("--offload params keeps the weights in host memory between uses, which only ZeRO-3 does: give "
                         "--zero_stage 3 or auto" + (" and no --lora_rank (LoRA runs under ZeRO-2; --offload "
                                                      "optimizer works with it)" if cfg.lora_rank else ""))
+    if cfg.vllm_lora == "adapter" and (cfg.lora_targets == "all" or cfg.lora_rank > 512):
+        problems.append(f"--vllm_lora adapter with --lora_targets {cfg.lora_targets} --lora_rank {cfg.lora_rank}: vLLM's "
+                        "own LoRA takes language layers and ranks up to 512; give --vllm_lora merge")
     if cfg.lora_rank and cfg.trainable != "language":
         problems.append(f"--trainable {cfg.trainable} with --lora_rank: LoRA trains its adapters only; choose the "
                         "layers they adapt with --lora_targets (language or all)")
@@ -682,6 +686,10 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         except ValueError as e:  # (no layer matched)
             user_error(f"--lora_targets {cfg.lora_targets!r}: {e} (language, all, or a regex of module names)")
+        vision = [n for n, _ in lora_layers(model) if ".visual." in f".{n}"]
+        if vision and cfg.vllm_lora == "adapter":
+            user_error(f"--vllm_lora adapter: --lora_targets '{cfg.lora_targets}' adapts vision layers ({vision[0]}, "
+                       "...), which vLLM's own LoRA does not; give --vllm_lora merge or language targets")
     else:
         set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
@@ -830,9 +838,13 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
     rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     sequences = cfg.prompts_per_step * cfg.num_generations * world  # what the engine samples at once
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences), owner)
-    sync = make_weight_sync(llm, lambda: hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb,
-                            owner, dtype)
+    adapter = cfg.lora_rank and cfg.vllm_lora == "adapter"  # vLLM applies the adapters: the base goes once
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences,
+                                      cfg.lora_rank if adapter else 0), owner)
+    sync = make_weight_sync(llm, lambda: base_weights(model) if adapter else hf_weights(model, merge=owner),
+                            cfg.vllm_sync_bucket_mb, owner, dtype)
+    if adapter:
+        sync = make_adapter_sync(llm, sync, model, owner)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)

@@ -3,6 +3,7 @@ vision-tower kwargs, one image's features shared by the G rows sampled from it) 
 tokens through a chunked float32 LM head (TokenLogProbs: no (tokens x vocab) float32 logits kept for backward).
 Checked against the model's own forward and naive float64 heads in tests/test_grpo_math.py and tests/test_gpu.py."""
 import contextlib
+import os
 
 import torch
 
@@ -368,6 +369,24 @@ def without_adapters(policy, model):
         with adapters_disabled(model):
             return policy(batch)
     return forward
+
+
+def save_adapter(model, folder):
+    """The adapters of `model` as peft's own files in `folder` (adapter_config.json, adapter_model.safetensors under
+    PeftModel's names): what PeftModel.from_pretrained and vLLM's LoRA load. ZeRO-2: whole on every rank."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    model.peft_config["default"].save_pretrained(folder)
+    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(model).items()}, os.path.join(folder, "adapter_model.safetensors"))
+
+
+def base_weights(model):
+    """(name, tensor) of a LoRA model's frozen base under the Hugging Face model's own names, adapters left out:
+    what vLLM gets once when it applies the adapters itself (--vllm_lora adapter)."""
+    return [(name.replace(".base_layer.", "."), p) for name, p in model.named_parameters(remove_duplicate=False)
+            if ".lora_" not in name]
 
 
 def hf_weights(model, merge=True):

@@ -30,6 +30,8 @@ BAD_FLAGS = [
     (["--lora_rank", "8", "--trainable", "all"], "--trainable all with --lora_rank: LoRA trains its adapters only"),
     (["--lora_rank", "-1"], "--lora_rank -1 --lora_alpha 0.0: give a rank >= 1"),
     (["--lora_rank", "4", "--lora_targets", "(q_proj"], "--lora_targets '(q_proj': not a regex"),
+    (["--lora_rank", "4", "--vllm_lora", "adapter", "--lora_targets", "all"],
+     "--vllm_lora adapter with --lora_targets all --lora_rank 4: vLLM's own LoRA takes language layers"),
     (["--offload", "params", "--zero_stage", "2"], "--offload params keeps the weights in host memory between uses, "
                                                     "which only ZeRO-3 does: give --zero_stage 3 or auto"),
     (["--dynamic_sampling", "true", "--overlap", "true"], "--dynamic_sampling draws more rollouts within a step"),
@@ -80,6 +82,16 @@ def test_compile_under_a_zero3_that_auto_chose_is_refused_once(tmp_path):
     text = p.stdout + p.stderr
     assert p.returncode != 0 and text.count("--compile true under ZeRO-3") == 1, text[-3000:]
     assert 'main.py", line' not in text, text[-3000:]  # no rank's traceback (the launcher reports the exit)
+
+
+def test_vllms_own_lora_on_vision_layers_is_refused_once_the_model_names_them(tmp_path):
+    """A --lora_targets regex is only known to reach the vision tower once the model is built: refused there, one
+    message, before any engine starts."""
+    p = run([PY, "main.py", "--model", "tiny", "--output_dir", str(tmp_path / "out"), "--steps", "1", "--lora_rank",
+             "4", "--vllm_lora", "adapter", "--lora_targets", r".*visual.*\.qkv"], check=False, timeout=300)
+    text = p.stdout + p.stderr
+    message = "--vllm_lora adapter: --lora_targets '.*visual.*\\.qkv' adapts vision layers (model.visual.blocks.0.attn.qkv"
+    assert p.returncode != 0 and text.count(message) == 1 and "Traceback" not in text, text[-3000:]
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):

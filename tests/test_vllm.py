@@ -319,3 +319,62 @@ def test_a_transfer_the_layout_cannot_take_is_refused_before_anything_starts(tra
     with pytest.raises(SystemExit, match=message):
         start_vllm("unused", Config(vllm_weight_transfer=transfer), gpu=None, colocate=False, copy_bytes=1 << 30)
     assert dict(os.environ) == before  # the launcher's variables are still there
+
+
+@pytest.fixture(scope="module")
+def lora_engine(engine):
+    """A second engine of the first family, started with vLLM's own LoRA (--vllm_lora adapter)."""
+    if engine["kind"] != KINDS[0]:
+        pytest.skip("one family: the adapters' path does not depend on it")
+    from engine import start_vllm, stop_vllm
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] if GPU else None
+    llm = start_vllm(engine["cfg"].model, engine["cfg"], gpu=gpu, colocate=GPU, videos=True, sequences=10, lora_rank=4)
+    yield dict(engine, llm=llm)
+    stop_vllm(llm)
+
+
+def test_vllms_own_lora_samples_from_the_trained_adapters_and_a_left_out_one_shows(lora_engine):
+    """--vllm_lora adapter: the frozen base goes once (policy.base_weights), then after each step the adapters
+    alone (peft's files), which vLLM applies itself. After every copy the sampler and the trainer agree as a plain
+    copy does (no merge rounding: the bound is a plain copy's); adapters moved and not sent, or sent with one
+    layer's left out, show in the log-probs."""
+    import copy
+    import policy
+    from engine import make_adapter_sync, make_weight_sync
+    e = lora_engine
+    base = e["model"]
+    base.load_state_dict(e["initial"])
+    lora = copy.deepcopy(base)
+    policy.add_lora(lora, 4, 0, "language")
+    dropped = set()
+
+    def adapter_files(model, folder):  # what the sync writes, less the dropped layer's adapter
+        save(model, folder)
+        if dropped:
+            from safetensors.torch import load_file, save_file
+            path = os.path.join(folder, "adapter_model.safetensors")
+            save_file({k: v for k, v in load_file(path).items() if not any(d in k for d in dropped)}, path)
+    save, policy.save_adapter = policy.save_adapter, adapter_files
+    try:
+        sync = make_adapter_sync(e["llm"], make_weight_sync(e["llm"], lambda: policy.base_weights(lora),
+                                                            dtype=e["dtype"]), lora)
+        move_adapters(lora, 1, 0.3)
+        sync()
+        e = dict(e, model=lora)
+        first = parity(e)
+        move_adapters(lora, 2, 0.3)
+        stale = parity(e)
+        dropped.add("layers.1.mlp.down_proj")
+        sync()
+        lost = parity(e)
+        dropped.clear()
+        sync()
+        after = parity(e)
+    finally:
+        policy.save_adapter = save
+    print(f"vLLM's LoRA parity: first copy {first:.2e}, later copy {after:.2e}, adapters moved and not sent "
+          f"{stale:.4f}, one layer's adapter left out {lost:.4f}")
+    # a plain copy's bounds: float32 on CPU (two computations of the same log-probs: ~2e-7 measured), bf16 on GPU
+    bound = 0.02 if GPU else 1e-5
+    assert first < bound and after < bound, (first, after)
+    assert stale > 0.05 and lost > 0.05, (stale, lost)
