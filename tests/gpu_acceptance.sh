@@ -8,6 +8,7 @@
 #   bash tests/gpu_acceptance.sh 7b       OUT   # Qwen2.5-VL-7B shape on 4 GPUs (3 ranks + vLLM), 10 steps
 #   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ranks + vLLM, every other row text-only, 5 steps
 #   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs (GPUS=0: colocated): the side-by-side ratios, a profile
+#   bash tests/gpu_acceptance.sh lora     OUT   # one GPU, colocated, LoRA r16 (10 steps): --vllm_lora merge, then adapter; the ratio
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
 # bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
 # to a layout's train.sh (e.g. "--compile false"), MODEL another shape of tests/make_random_model.py (e.g.
@@ -22,8 +23,8 @@ what=$1; out=${2:-/tmp/gpu_acceptance}; mkdir -p "$out"
 py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
 assets=../shared/assets; [ -d "$assets" ] || assets=.assets
 declare -A default_gpus=([tests]=0,1,2 [two_gpu]=0,1 [colocate]=0 [ranks2]=0,1,2 [ranks3]=0,1,2,3 [7b]=0,1,2,3
-                         [mixed]=0,1,2,3 [bench]=0,1)
-[ -n "${default_gpus[$what]+x}" ] || { echo "usage: $0 tests|two_gpu|colocate|ranks2|ranks3|7b|mixed|bench OUT"; exit 2; }
+                         [mixed]=0,1,2,3 [bench]=0,1 [lora]=0)
+[ -n "${default_gpus[$what]+x}" ] || { echo "usage: $0 tests|two_gpu|colocate|ranks2|ranks3|7b|mixed|bench|lora OUT"; exit 2; }
 gpus=${GPUS:-${default_gpus[$what]}}
 first=${gpus%%,*}
 busy=$(nvidia-smi -i "$gpus" --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null)
@@ -66,6 +67,14 @@ case $what in
     CUDA_VISIBLE_DEVICES=$gpus bash train.sh "${args[@]}" > "$out/$what.log" 2>&1; rc=$? ;;
   7b)
     CUDA_VISIBLE_DEVICES=$gpus bash train.sh "${args[@]}" --steps 10 > "$out/$what.log" 2>&1; rc=$? ;;
+  lora)  # the two ways vLLM gets a LoRA policy, one run after the other on the same GPU (MODEL=... for the 7B shape)
+    rc=0
+    for way in merge adapter; do
+      CUDA_VISIBLE_DEVICES=$gpus bash train.sh "${args[@]}" --steps 10 --trainable language --lora_rank 16 \
+        --vllm_lora $way --output_dir /tmp/run_lora_$way > "$out/lora_$way.log" 2>&1 || rc=1
+      cp /tmp/run_lora_$way/metrics.jsonl "$out/metrics_lora_$way.jsonl" 2>/dev/null
+      tail -n 2 "$out/lora_$way.log"
+    done ;;
   bench)
     CUDA_VISIBLE_DEVICES=$gpus $py -m accelerate.commands.launch --config_file ds_accel.yaml --num_processes 1 \
       --main_process_port $port tests/bench_step.py --model $model --trainable all --max_completion_length 512 \
@@ -89,6 +98,20 @@ with open('/tmp/mixed/data.jsonl', 'w') as f:
 esac
 kill $smi $procs 2>/dev/null
 case $what in tests|bench) exit $rc ;; esac
+if [ $what = lora ]; then
+  $py - "$out"/metrics_lora_merge.jsonl "$out"/metrics_lora_adapter.jsonl <<'EOF'
+import json, sys
+mean = {}
+for path in sys.argv[1:]:
+    ms = [json.loads(l) for l in open(path)][1:]  # step 1 holds the warm-ups
+    mean[path] = {k: sum(m[k] for m in ms) / len(ms) for k in ("step_s", "generate_s", "train_s", "sync_s")}
+    print(path.rsplit("_", 1)[1].removesuffix(".jsonl"), " ".join(f"{k}={v:.3f}" for k, v in mean[path].items()),
+          f"sampler_logp_diff_max={max(m['sampler_logp_diff'] for m in ms):.4f}")
+merge, adapter = mean.values()
+print(f"ratio merge/adapter s/step: {merge['step_s'] / adapter['step_s']:.3f} (above 1: vLLM's own LoRA is faster)")
+EOF
+  exit $rc
+fi
 tail -n 3 "$out/$what.log"
 cp /tmp/run_${what}_$first/metrics.jsonl "$out/metrics_$what.jsonl" 2>/dev/null
 grep -m1 "^grpo-vl:" "$out/$what.log"
