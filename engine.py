@@ -32,6 +32,8 @@ import psutil
 
 
 def alive(p):
+    if p is None:
+        return False
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -40,8 +42,8 @@ def alive(p):
 
 try:
     watched = psutil.Process(int(sys.argv[1]))
-except psutil.Error:  # gone before this started (an early error): nothing was registered, nothing to do
-    sys.exit(0)
+except psutil.Error:  # gone before this started: what it registered is still in the pipe, read below
+    watched = None
 try:
     launcher = int(sys.argv[2]) and psutil.Process(int(sys.argv[2]))
 except psutil.Error:  # the launcher is gone already: so goes the rank
@@ -55,6 +57,18 @@ def shared_memory(p):  # /proc/PID/maps: cheap to read, unlike psutil's memory_m
     return {path for path in paths if os.path.basename(path).startswith(SHARED)}
 procs, paths, pending, fd, shared = [], [], b"", sys.stdin.fileno(), set()
 polls = 0
+
+
+def registered(data):  # "pid N" and "path P" lines from the rank
+    global pending
+    *lines, pending = (pending + data).split(b"\\n")
+    for kind, _, value in (line.decode().partition(" ") for line in lines):
+        try:
+            procs.append(psutil.Process(int(value))) if kind == "pid" else paths.append(value)
+        except psutil.Error:
+            pass
+
+
 while alive(watched):
     if launcher is None or (launcher and not alive(launcher)):  # the launcher is gone: the rank goes too
         procs.append(watched)
@@ -71,12 +85,12 @@ while alive(watched):
     data = os.read(fd, 65536)
     if not data:  # the rank's end is closed
         fd = None
-    *lines, pending = (pending + data).split(b"\\n")
-    for kind, _, value in (line.decode().partition(" ") for line in lines):
-        try:
-            procs.append(psutil.Process(int(value))) if kind == "pid" else paths.append(value)
-        except psutil.Error:
-            pass
+    registered(data)
+while fd is not None and select.select([fd], [], [], 0)[0]:  # what the rank registered just before it died
+    data = os.read(fd, 65536)
+    if not data:
+        break
+    registered(data)
 for p in procs:  # psutil checks the process's start time: a recycled pid is never killed
     try:
         shared |= shared_memory(p)
@@ -142,8 +156,8 @@ def check_vllm_version():
 class VLLMWeightLoader:
     """Mixed into vLLM's worker (LLM(worker_extension_cls=...)); these methods run in the engine's process."""
 
-    def vllm_param_names(self):  # (with vLLM's LoRA on, a layer's own weights sit in its base_layer)
-        return sorted(n.replace(".base_layer.", ".") for n, _ in self.model_runner.get_model().named_parameters())
+    def vllm_param_names(self):
+        return sorted(n for n, _ in self.model_runner.get_model().named_parameters())
 
     def record_loads(self, start):
         """Starts (start=True) or ends recording the vLLM parameters that model.load_weights sets; the end returns
@@ -816,17 +830,20 @@ def weight_staging_file(llm, nbytes):
 
 
 def remove_stale_staging_files(folder):
-    """Staging files of processes that are gone (killed with their watchdog, e.g. a whole tree at once)."""
+    """Staging files and adapter folders of processes that are gone (killed with their watchdog, e.g. a whole tree at
+    once)."""
     import glob
+    import shutil
     import time
-    for path in glob.glob(os.path.join(folder, "grpo_vl_weights_*.bin")):
+    for path in glob.glob(os.path.join(folder, "grpo_vl_weights_*.bin")) + \
+            glob.glob(os.path.join(folder, "grpo_vl_adapter_*")):
         try:
             if time.time() - os.path.getmtime(path) < 600:  # in use: every copy rewrites it (and a pid from
                 continue                                   # another container's namespace may look dead)
             os.kill(int(os.path.basename(path).split("_")[3]), 0)
         except ProcessLookupError:
             try:
-                os.remove(path)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             except OSError:  # another run removed it first
                 pass
         except (ValueError, IndexError, OSError):
@@ -927,31 +944,32 @@ def push_weights_to_vllm(llm, named_params, bucket_mb=512, is_main=True, dtype=N
     return loaded
 
 
-def make_adapter_sync(llm, weight_sync, model, is_main=True):
-    """--vllm_lora adapter: vLLM applies the LoRA adapters itself (started with start_vllm's lora_rank).
-    `weight_sync` (make_weight_sync of policy.base_weights) sends the frozen base on its first call and nothing
-    later; then the adapters of `model` go as peft's files (policy.save_adapter, a few MB) into a folder the engine
-    reads, in /dev/shm when it has room, and replace the engine's adapter in place. Every rollout samples with it:
-    the base in bf16 plus vLLM's own x A B, computed as the trainer computes it, not a merged weight rounded
-    once more."""
+def make_adapter_sync(llm, model, is_main=True):
+    """--vllm_lora adapter: vLLM applies the LoRA adapters itself (started with start_vllm's lora_rank) on the base it
+    loaded from the model's files, which is what the trainer's frozen base is (nothing of it is sent: vLLM 0.25's
+    LoRA layers do not pass load_weights on to the layer they wrap). Each call writes the adapters of `model` as
+    peft's files (policy.save_adapter) into a folder the engine reads, in /dev/shm when it has room, and replaces the
+    engine's adapter in place: every rollout samples from the base in bf16 plus vLLM's own x A B, computed as the
+    trainer computes it, not from a merged weight rounded once more. Every rank calls it (rank 0 does the work)."""
+    import shutil
     import tempfile
     from policy import save_adapter
-
-    def sync():
-        weight_sync()
-        on_rank0(lambda: load_adapter(), is_main)
+    nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" in n)
 
     def load_adapter():
         from vllm.lora.request import LoRARequest
         if getattr(llm, "adapter", None) is None:
-            folder = tempfile.mkdtemp(prefix=f"grpo_vl_adapter_{os.getpid()}_",
-                                      dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            shm = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes
+            base = "/dev/shm" if shm else tempfile.gettempdir()
+            remove_stale_staging_files(base)
+            folder = tempfile.mkdtemp(prefix=f"grpo_vl_adapter_{os.getpid()}_", dir=base)
             guard(paths=[folder])  # removed even if this process is killed
             llm.adapter = LoRARequest("policy", 1, folder)
+        vllm_wake_up(llm, tags=["weights"])  # the adapters' slots are in the weights' memory
         save_adapter(model, llm.adapter.lora_path)
         llm.llm_engine.add_lora(LoRARequest("policy", 1, llm.adapter.lora_path, load_inplace=True))
         reset_caches(llm)  # prefixes and image features computed with the old adapters
-    return sync
+    return lambda: on_rank0(load_adapter, is_main)
 
 
 def reset_caches(llm):

@@ -26,7 +26,7 @@ import trainer
 from checkpoint import check_output_dir, check_resumed_layout, output_dir_is_shared, resolve_output_dir, resume
 from engine import (engine_groups, make_adapter_sync, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm,
                     vllm_generate, vllm_sleep)
-from policy import LORA_TARGETS, LogProbModel, add_lora, base_weights, hf_weights, lora_layers, without_adapters
+from policy import LORA_TARGETS, LogProbModel, add_lora, hf_weights, lora_layers, without_adapters
 from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
                      overlong_reward)
 from utils import (DataError, PromptSampler, build_tiny_model, counted, load_rows, tiny_processor, user_error,
@@ -229,7 +229,10 @@ def check_config(cfg):
         problems.append("--offload params keeps the weights in host memory between uses, which only ZeRO-3 does: give "
                         "--zero_stage 3 or auto" + (" and no --lora_rank (LoRA runs under ZeRO-2; --offload "
                                                      "optimizer works with it)" if cfg.lora_rank else ""))
-    if cfg.vllm_lora == "adapter" and (cfg.lora_targets == "all" or cfg.lora_rank > 512):
+    if cfg.vllm_lora == "adapter" and (not cfg.lora_rank or cfg.rollout == "hf"):
+        problems.append(f"--vllm_lora adapter: vLLM applies LoRA adapters, which needs --lora_rank and vLLM rollouts "
+                        f"(--lora_rank {cfg.lora_rank}, --rollout {cfg.rollout}): give both or leave --vllm_lora out")
+    elif cfg.vllm_lora == "adapter" and (cfg.lora_targets == "all" or cfg.lora_rank > 512):
         problems.append(f"--vllm_lora adapter with --lora_targets {cfg.lora_targets} --lora_rank {cfg.lora_rank}: vLLM's "
                         "own LoRA takes language layers and ranks up to 512; give --vllm_lora merge")
     if cfg.lora_rank and cfg.trainable != "language":
@@ -838,13 +841,11 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
         sizes[p.requires_grad] += getattr(p, "ds_numel", p.numel()) * dtype.itemsize
     rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     sequences = cfg.prompts_per_step * cfg.num_generations * world  # what the engine samples at once
-    adapter = cfg.lora_rank and cfg.vllm_lora == "adapter"  # vLLM applies the adapters: the base goes once
+    adapter = cfg.lora_rank and cfg.vllm_lora == "adapter"  # vLLM applies the adapters to the base it loaded
     llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences,
                                       cfg.lora_rank if adapter else 0), owner)
-    sync = make_weight_sync(llm, lambda: base_weights(model) if adapter else hf_weights(model, merge=owner),
-                            cfg.vllm_sync_bucket_mb, owner, dtype)
-    if adapter:
-        sync = make_adapter_sync(llm, sync, model, owner)
+    sync = make_adapter_sync(llm, model, owner) if adapter else \
+        make_weight_sync(llm, lambda: hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb, owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set
     if llm is not None:
         vllm_sleep(llm)

@@ -382,13 +382,6 @@ def save_adapter(model, folder):
                for k, v in get_peft_model_state_dict(model).items()}, os.path.join(folder, "adapter_model.safetensors"))
 
 
-def base_weights(model):
-    """(name, tensor) of a LoRA model's frozen base under the Hugging Face model's own names, adapters left out:
-    what vLLM gets once when it applies the adapters itself (--vllm_lora adapter)."""
-    return [(name.replace(".base_layer.", "."), p) for name, p in model.named_parameters(remove_duplicate=False)
-            if ".lora_" not in name]
-
-
 def hf_weights(model, merge=True):
     """(name, tensor) of the Hugging Face model as its own files name them: each LoRA layer's base weight with its
     adapter merged in (W + alpha / r x B A, summed in float32 and rounded once to the weight's dtype; as trainable:

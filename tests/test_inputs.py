@@ -30,6 +30,7 @@ BAD_FLAGS = [
     (["--lora_rank", "8", "--trainable", "all"], "--trainable all with --lora_rank: LoRA trains its adapters only"),
     (["--lora_rank", "-1"], "--lora_rank -1 --lora_alpha 0.0: give a rank >= 1"),
     (["--lora_rank", "4", "--lora_targets", "(q_proj"], "--lora_targets '(q_proj': not a regex"),
+    (["--vllm_lora", "adapter"], "--vllm_lora adapter: vLLM applies LoRA adapters, which needs --lora_rank"),
     (["--lora_rank", "4", "--vllm_lora", "adapter", "--lora_targets", "all"],
      "--vllm_lora adapter with --lora_targets all --lora_rank 4: vLLM's own LoRA takes language layers"),
     (["--offload", "params", "--zero_stage", "2"], "--offload params keeps the weights in host memory between uses, "

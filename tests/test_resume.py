@@ -198,6 +198,36 @@ def test_a_schedulers_term_to_every_process_checkpoints_and_resumes(tmp_path):
     assert [m["step"] for m in metrics(out)] == list(range(1, 4))
 
 
+def test_a_killed_process_leaves_no_adapter_folder(tmp_path):
+    """--vllm_lora adapter writes its adapters into a folder: the watchdog removes it when the process is killed
+    (kill -9), and a later run removes such a folder of a dead process that its watchdog did not (the whole tree
+    killed at once) once it is 10 minutes old, never a live process's or a fresh one."""
+    code = ("import os, sys, time; sys.path.insert(0, %r); import engine; engine.start_guard(); "
+            "os.makedirs(sys.argv[1]); open(os.path.join(sys.argv[1], 'adapter_config.json'), 'w').write('{}'); "
+            "engine.guard(paths=[sys.argv[1]]); print('ready', flush=True); time.sleep(60)" % ROOT)
+    folder = str(tmp_path / "grpo_vl_adapter_1_x")
+    proc = subprocess.Popen([PY, "-c", code, folder], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready" and os.path.isdir(folder)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while os.path.exists(folder) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(folder), "the watchdog left the adapter folder"
+
+    from engine import remove_stale_staging_files
+    dead = proc.pid  # reaped above: no process has this pid now (nor, within this test, will one)
+    old, fresh, live = (str(tmp_path / f"grpo_vl_adapter_{pid}_{tag}") for pid, tag in
+                        ((dead, "old"), (dead, "fresh"), (os.getpid(), "live")))
+    for f in (old, fresh, live):
+        os.makedirs(f)
+        open(os.path.join(f, "adapter_model.safetensors"), "wb").close()
+    for f in (old, live):
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    remove_stale_staging_files(str(tmp_path))
+    assert not os.path.exists(old) and os.path.isdir(fresh) and os.path.isdir(live)
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
     """`kill -9` of the launcher alone: within 10 s every rank and the vLLM engine's processes are gone and the

@@ -334,13 +334,13 @@ def lora_engine(engine):
 
 
 def test_vllms_own_lora_samples_from_the_trained_adapters_and_a_left_out_one_shows(lora_engine):
-    """--vllm_lora adapter: the frozen base goes once (policy.base_weights), then after each step the adapters
-    alone (peft's files), which vLLM applies itself. After every copy the sampler and the trainer agree as a plain
-    copy does (no merge rounding: the bound is a plain copy's); adapters moved and not sent, or sent with one
-    layer's left out, show in the log-probs."""
+    """--vllm_lora adapter: vLLM applies the adapters itself to the base it loaded from the model's files (nothing
+    of the base is sent); after each step the adapters go alone (peft's files) and replace its adapter in place.
+    After every copy the sampler and the trainer agree as a plain copy does (no merge rounding: the bound is a
+    plain copy's); adapters moved and not sent, or sent with one layer's left out, show in the log-probs."""
     import copy
     import policy
-    from engine import make_adapter_sync, make_weight_sync
+    from engine import make_adapter_sync
     e = lora_engine
     base = e["model"]
     base.load_state_dict(e["initial"])
@@ -356,8 +356,7 @@ def test_vllms_own_lora_samples_from_the_trained_adapters_and_a_left_out_one_sho
             save_file({k: v for k, v in load_file(path).items() if not any(d in k for d in dropped)}, path)
     save, policy.save_adapter = policy.save_adapter, adapter_files
     try:
-        sync = make_adapter_sync(e["llm"], make_weight_sync(e["llm"], lambda: policy.base_weights(lora),
-                                                            dtype=e["dtype"]), lora)
+        sync = make_adapter_sync(e["llm"], lora)
         move_adapters(lora, 1, 0.3)
         sync()
         e = dict(e, model=lora)
