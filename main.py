@@ -24,8 +24,9 @@ import torch
 import checkpoint
 import trainer
 from checkpoint import check_output_dir, check_resumed_layout, output_dir_is_shared, resolve_output_dir, resume
-from engine import (engine_groups, make_adapter_sync, make_weight_sync, on_rank0, start_guard, start_vllm, stop_vllm,
-                    vllm_generate, vllm_sleep)
+from engine import (engine_groups, make_adapter_sync, make_weight_sync, on_rank0, start_vllm, stop_vllm, vllm_generate,
+                    vllm_sleep)
+from guard import start_guard
 from policy import LORA_TARGETS, LogProbModel, add_lora, hf_weights, lora_layers, without_adapters
 from rewards import (accuracy_reward, box_f1_reward, boxes_reward, format_reward, iou_reward, number_reward,
                      overlong_reward)

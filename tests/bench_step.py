@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
+import guard  # noqa: E402
 import main  # noqa: E402
 import trainer  # noqa: E402
 from utils import PromptSampler, collate  # noqa: E402
@@ -111,14 +112,14 @@ def standalone_generate(path, cfg, requests_file, out_file):
     (a seed per request, the logit bias on the vision tokens), to tell what those cost from what our engine's
     set-up costs."""
     from vllm import LLM, SamplingParams
-    engine.start_guard()
+    guard.start_guard()
     with open(requests_file, "rb") as f:
         requests, n, iters, ours = pickle.load(f)
     gpu = torch.cuda.is_available()
     llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=cfg.seed, generation_config="vllm",
               gpu_memory_utilization=0.85 if gpu else 0.1,
               max_model_len=cfg.max_prompt_length + cfg.max_completion_length, limit_mm_per_prompt={"image": 1})
-    engine.guard_children()
+    guard.guard_children()
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                             max_tokens=cfg.max_completion_length, logprobs=0, detokenize=False)
     seeded = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, seed=ours["seed"] + k * n,
@@ -218,7 +219,7 @@ def profile_update(update, path):
 
 
 def main_bench():
-    engine.start_guard()  # the engines started here end with this process, however it ends
+    guard.start_guard()  # the engines started here end with this process, however it ends
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--phases", default="train,generate,sync")
     parser.add_argument("--iters", type=int, default=3)

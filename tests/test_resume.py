@@ -202,9 +202,9 @@ def test_a_killed_process_leaves_no_adapter_folder(tmp_path):
     """--vllm_lora adapter writes its adapters into a folder: the watchdog removes it when the process is killed
     (kill -9), and a later run removes such a folder of a dead process that its watchdog did not (the whole tree
     killed at once) once it is 10 minutes old, never a live process's or a fresh one."""
-    code = ("import os, sys, time; sys.path.insert(0, %r); import engine; engine.start_guard(); "
+    code = ("import os, sys, time; sys.path.insert(0, %r); import guard; guard.start_guard(); "
             "os.makedirs(sys.argv[1]); open(os.path.join(sys.argv[1], 'adapter_config.json'), 'w').write('{}'); "
-            "engine.guard(paths=[sys.argv[1]]); print('ready', flush=True); time.sleep(60)" % ROOT)
+            "guard.guard(paths=[sys.argv[1]]); print('ready', flush=True); time.sleep(60)" % ROOT)
     folder = str(tmp_path / "grpo_vl_adapter_1_x")
     proc = subprocess.Popen([PY, "-c", code, folder], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready" and os.path.isdir(folder)
@@ -215,7 +215,7 @@ def test_a_killed_process_leaves_no_adapter_folder(tmp_path):
         time.sleep(0.2)
     assert not os.path.exists(folder), "the watchdog left the adapter folder"
 
-    from engine import remove_stale_staging_files
+    from guard import remove_stale_staging_files
     dead = proc.pid  # reaped above: no process has this pid now (nor, within this test, will one)
     old, fresh, live = (str(tmp_path / f"grpo_vl_adapter_{pid}_{tag}") for pid, tag in
                         ((dead, "old"), (dead, "fresh"), (os.getpid(), "live")))

@@ -186,10 +186,10 @@ def test_an_early_error_leaves_no_watchdog_output(tmp_path):
         assert p.returncode != 0 and "no such file or folder" in p.stderr, p.stderr[-2000:]
         assert "Traceback" not in p.stderr and "NoSuchProcess" not in p.stderr, p.stderr[-2000:]
     # the race itself, made certain: a watchdog that starts after its process has gone leaves quietly
-    import engine
+    import guard
     gone = subprocess.Popen([PY, "-c", "pass"])
     gone.wait()
-    p = run([PY, "-c", engine.GUARD_SOURCE, str(gone.pid), "0"], check=False, timeout=60)
+    p = run([PY, "-c", guard.GUARD_SOURCE, str(gone.pid), "0"], check=False, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
 
 
