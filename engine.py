@@ -230,7 +230,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     buffer of that size made here (the default memory share leaves room for it), so that a GPU without room for
     it fails now, with a message, rather than mid-copy. `videos`: the data has a video column (the engine
     reserves room for one video a prompt). `lora_rank`: vLLM applies LoRA adapters of that rank itself
-    (load_adapter)."""
+    (make_adapter_sync) and no weight copy comes: no NCCL group is formed."""
     check_vllm_version()
     from vllm import LLM
     transfer = cfg.vllm_weight_transfer if cfg.vllm_weight_transfer != "auto" else \
@@ -269,7 +269,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if lora_rank:  # the smallest rank vLLM takes that holds ours; one adapter, the policy's
         extra.update(enable_lora=True, max_loras=1,
                      max_lora_rank=min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank))
-    if transfer == "nccl":
+    if transfer == "nccl" and not lora_rank:
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
     import psutil
@@ -298,7 +298,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     # this engine's own: a stopped one's core left a zombie behind, which engine_alive would count as this one's end
     llm.engine_processes = [p for p in psutil.Process().children(recursive=True)
                             if p.pid not in earlier and p.name().startswith("VLLM")]
-    llm.weight_group = connect_nccl(llm) if transfer == "nccl" else None
+    llm.weight_group = connect_nccl(llm) if transfer == "nccl" and not lora_rank else None
     llm.weight_transfer = transfer
     if llm.weight_group is not None and copy_bytes:
         try:

@@ -40,13 +40,16 @@ procs, paths, pending, fd, shared = [], [], b"", sys.stdin.fileno(), set()
 polls = 0
 
 
-def registered(data):  # "pid N" and "path P" lines from the rank
+def registered(data, died=None):  # "pid N" and "path P" lines from the rank
     global pending
     *lines, pending = (pending + data).split(b"\\n")
     for kind, _, value in (line.decode().partition(" ") for line in lines):
         try:
-            procs.append(psutil.Process(int(value))) if kind == "pid" else paths.append(value)
-        except psutil.Error:
+            if kind == "path":
+                paths.append(value)
+            elif kind == "pid" and (died is None or psutil.Process(int(value)).create_time() <= died):
+                procs.append(psutil.Process(int(value)))  # (read after the rank died: not a pid reused since)
+        except (psutil.Error, ValueError):
             pass
 
 
@@ -67,11 +70,12 @@ while alive(watched):
     if not data:  # the rank's end is closed
         fd = None
     registered(data)
+died = time.time()
 while fd is not None and select.select([fd], [], [], 0)[0]:  # what the rank registered just before it died
     data = os.read(fd, 65536)
     if not data:
         break
-    registered(data)
+    registered(data, died)
 for p in procs:  # psutil checks the process's start time: a recycled pid is never killed
     try:
         shared |= shared_memory(p)

@@ -228,6 +228,24 @@ def test_a_killed_process_leaves_no_adapter_folder(tmp_path):
     assert not os.path.exists(old) and os.path.isdir(fresh) and os.path.isdir(live)
 
 
+def test_a_watchdog_acts_on_what_its_process_registered_before_it_saw_it(tmp_path):
+    """Registrations still in the pipe when the watchdog finds its process gone (here: gone before it started) are
+    acted on: the registered process is killed and the registered folder removed; a line that is neither is
+    ignored (no path taken from it)."""
+    from guard import GUARD_SOURCE
+    gone = subprocess.Popen([PY, "-c", "pass"])
+    gone.wait()
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    folder, victim = tmp_path / "grpo_vl_adapter_x", tmp_path / "victim"
+    folder.mkdir()
+    victim.mkdir()
+    lines = f"pid {child.pid}\npath {folder}\necho {victim}\n"
+    p = subprocess.run([PY, "-c", GUARD_SOURCE, str(gone.pid), "0"], input=lines, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
+    assert child.wait(timeout=10) == -9 and not folder.exists() and victim.is_dir()
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_launcher_leaves_no_process_and_no_staging_file(tmp_path):
     """`kill -9` of the launcher alone: within 10 s every rank and the vLLM engine's processes are gone and the

@@ -189,7 +189,8 @@ def test_an_early_error_leaves_no_watchdog_output(tmp_path):
     import guard
     gone = subprocess.Popen([PY, "-c", "pass"])
     gone.wait()
-    p = run([PY, "-c", guard.GUARD_SOURCE, str(gone.pid), "0"], check=False, timeout=60)
+    p = subprocess.run([PY, "-c", guard.GUARD_SOURCE, str(gone.pid), "0"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
 
 
