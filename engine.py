@@ -663,18 +663,24 @@ def gather_zero3_params(params):
     return contextlib.nullcontext()
 
 
+def scratch_folder(nbytes):
+    """Where rank 0 and the engine share files (same host): /dev/shm when it has room for twice `nbytes`, else the
+    temp dir; what dead processes left there is swept first."""
+    import shutil
+    import tempfile
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes \
+        else tempfile.gettempdir()
+    remove_stale_staging_files(base)
+    return base
+
+
 def weight_staging_file(llm, nbytes):
     """A file both rank 0 and the engine map (same host): a bucket is written into it once and read in place by
     the engine, instead of being serialised through collective_rpc's msgpack and socket (measured on the H100,
-    2B model: 19 s per copy that way). In /dev/shm when it has room, else the temp dir; removed by stop_vllm."""
-    import shutil
-    import tempfile
+    2B model: 19 s per copy that way). In scratch_folder; removed by stop_vllm."""
     path, size = getattr(llm, "weight_staging", (None, 0))
     if path is None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes \
-            else tempfile.gettempdir()
-        remove_stale_staging_files(base)
-        path = os.path.join(base, f"grpo_vl_weights_{os.getpid()}_{id(llm)}.bin")
+        path = os.path.join(scratch_folder(nbytes), f"grpo_vl_weights_{os.getpid()}_{id(llm)}.bin")
         guard(paths=[path])  # removed even if this process is killed
     if nbytes > size:
         with open(path, "wb") as f:
@@ -782,10 +788,9 @@ def make_adapter_sync(llm, model, is_main=True):
     """--vllm_lora adapter: vLLM applies the LoRA adapters itself (started with start_vllm's lora_rank) on the base it
     loaded from the model's files, which is what the trainer's frozen base is (nothing of it is sent: vLLM 0.25's
     LoRA layers do not pass load_weights on to the layer they wrap). Each call writes the adapters of `model` as
-    peft's files (policy.save_adapter) into a folder the engine reads, in /dev/shm when it has room, and replaces the
+    peft's files (policy.save_adapter) into a folder the engine reads (in scratch_folder), and replaces the
     engine's adapter in place: every rollout samples from the base in bf16 plus vLLM's own x A B, computed as the
     trainer computes it, not from a merged weight rounded once more. Every rank calls it (rank 0 does the work)."""
-    import shutil
     import tempfile
     from policy import save_adapter
     nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_" in n)
@@ -793,10 +798,7 @@ def make_adapter_sync(llm, model, is_main=True):
     def load_adapter():
         from vllm.lora.request import LoRARequest
         if getattr(llm, "adapter", None) is None:
-            shm = os.path.isdir("/dev/shm") and shutil.disk_usage("/dev/shm").free > 2 * nbytes
-            base = "/dev/shm" if shm else tempfile.gettempdir()
-            remove_stale_staging_files(base)
-            folder = tempfile.mkdtemp(prefix=f"grpo_vl_adapter_{os.getpid()}_", dir=base)
+            folder = tempfile.mkdtemp(prefix=f"grpo_vl_adapter_{os.getpid()}_", dir=scratch_folder(nbytes))
             guard(paths=[folder])  # removed even if this process is killed
             llm.adapter = LoRARequest("policy", 1, folder)
         vllm_wake_up(llm, tags=["weights"])  # the adapters' slots are in the weights' memory
