@@ -449,6 +449,17 @@ def main_bench():
         n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
         results["generate_our_engine_plain"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
         print(f"our engine, plain parameters: {mean(times):.3f} s, {n_tok} tokens", flush=True)
+        # each of our two per-request extras alone, on the same engine: what a seed per request costs (vLLM samples
+        # seeded rows one at a time) apart from the vision tokens' logit bias
+        bias = {t: -1e9 for t in suppressed} or None
+        for key, extra in (("seeds", lambda k: dict(seed=1000 + k * G)), ("bias", lambda k: dict(logit_bias=bias))):
+            params = [SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, detokenize=False,
+                                     max_tokens=cfg.max_completion_length, logprobs=0, **extra(k))
+                      for k in range(len(requests))]
+            times, outs = timed(lambda: llm.generate(requests, params, use_tqdm=False), args.iters)
+            n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
+            results[f"generate_our_engine_{key}_only"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
+            print(f"our engine, plain parameters and our {key} only: {mean(times):.3f} s, {n_tok} tokens", flush=True)
         ours = results["generate_ours"]["tokens_per_s"]
         if "generate_weight_read_bound" in results:
             results["generate_ratio_ours_over_bound"] = ours / results["generate_weight_read_bound"]["tokens_per_s"]
