@@ -8,7 +8,8 @@
             the language model's weights once, so max_completion_length steps take at least their bytes x steps /
             the GPU's memory bandwidth (from its clock and bus width; a device copy measures what is reachable). To
             tell where a gap comes from, also the standalone with our per-request parameters (a seed each, the logit
-            bias) and our engine with the standalone's parameters (generate_diagnosis)
+            bias), our engine with the standalone's parameters (generate_diagnosis), and our engine with each of
+            the two extras alone (generate_our_engine_seeds_only, _bias_only)
   sync      our weight copy after each rollout (engine.make_weight_sync: ZeRO-3 gather, buckets, vLLM's load), split
             into its parts, vs the same bytes copied raw: an NCCL broadcast between the two GPUs, or one device copy
             where the engine shares the trainer's GPU (GB/s)
