@@ -238,6 +238,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if transfer == "nccl" and (gpu is None or colocate):
         raise SystemExit("--vllm_weight_transfer nccl needs vLLM on a GPU of its own (2 or more GPUs); use file or "
                          "auto here")
+    nccl = transfer == "nccl" and not lora_rank  # vLLM's own LoRA gets no weight copy: no group, no buffer
     if transfer == "ipc" and not colocate:
         raise SystemExit("--vllm_weight_transfer ipc needs vLLM on the training GPU (colocate: one GPU per node); "
                          "use nccl, file or auto here")
@@ -249,7 +250,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if colocate and gpu is not None and sequences and not cfg.vllm_gpu_memory_utilization:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         memory = min(0.9, (model_bytes(path) + kv + 4 * 2 ** 30) / total)
-    if transfer == "nccl" and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
+    if nccl and not cfg.vllm_gpu_memory_utilization:  # room for receive_nccl's buffer
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
         memory -= copy_bytes / torch.cuda.get_device_properties(visible.split(",").index(str(gpu))).total_memory
     # the engine's processes inherit this environment: hide the trainer's rank variables and other GPUs
@@ -269,7 +270,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     if lora_rank:  # the smallest rank vLLM takes that holds ours; one adapter, the policy's
         extra.update(enable_lora=True, max_loras=1,
                      max_lora_rank=min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora_rank))
-    if transfer == "nccl" and not lora_rank:
+    if nccl:
         from vllm.config import WeightTransferConfig
         extra["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
     import psutil
@@ -298,7 +299,7 @@ def start_vllm(path, cfg, gpu=None, colocate=False, copy_bytes=0, videos=False, 
     # this engine's own: a stopped one's core left a zombie behind, which engine_alive would count as this one's end
     llm.engine_processes = [p for p in psutil.Process().children(recursive=True)
                             if p.pid not in earlier and p.name().startswith("VLLM")]
-    llm.weight_group = connect_nccl(llm) if transfer == "nccl" and not lora_rank else None
+    llm.weight_group = connect_nccl(llm) if nccl else None
     llm.weight_transfer = transfer
     if llm.weight_group is not None and copy_bytes:
         try:

@@ -843,8 +843,8 @@ def make_rollout(cfg, path, accelerator, model, suppressed, pad_id, videos=False
     rank, world = accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     sequences = cfg.prompts_per_step * cfg.num_generations * world  # what the engine samples at once
     adapter = cfg.lora_rank and cfg.vllm_lora == "adapter"  # vLLM applies the adapters to the base it loaded
-    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, 0 if adapter else max(sizes.values()), videos,
-                                      sequences, cfg.lora_rank if adapter else 0), owner)  # (no weight copy: no buffer)
+    llm = on_rank0(lambda: start_vllm(path, cfg, gpu, colocate, max(sizes.values()), videos, sequences,
+                                      cfg.lora_rank if adapter else 0), owner)
     sync = make_adapter_sync(llm, model, owner) if adapter else \
         make_weight_sync(llm, lambda: hf_weights(model, merge=owner), cfg.vllm_sync_bucket_mb, owner, dtype)
     sync()  # the first copy sends everything and checks that every vLLM parameter was set (adapter: the adapters)

@@ -450,8 +450,8 @@ def main_bench():
         n_tok = sum(len(o.token_ids) for out in outs for o in out.outputs)
         results["generate_our_engine_plain"] = dict(s=mean(times), tokens_per_s=n_tok / mean(times))
         print(f"our engine, plain parameters: {mean(times):.3f} s, {n_tok} tokens", flush=True)
-        # each of our two per-request extras alone, on the same engine: what a seed per request costs (vLLM samples
-        # seeded rows one at a time) apart from the vision tokens' logit bias
+        # each of our two per-request extras alone, on the same engine: what a seed per request costs (vLLM's V1
+        # model runner samples seeded rows one at a time, its V2 runner all in one seeded kernel) apart from the bias
         bias = {t: -1e9 for t in suppressed} or None
         for key, extra in (("seeds", lambda k: dict(seed=1000 + k * G)), ("bias", lambda k: dict(logit_bias=bias))):
             params = [SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, detokenize=False,
