@@ -9,6 +9,7 @@
 #   bash tests/gpu_acceptance.sh mixed    OUT   # 4 GPUs: 3 ranks + vLLM, every other row text-only, 5 steps
 #   bash tests/gpu_acceptance.sh bench    OUT   # tests/bench_step.py on 2 GPUs (GPUS=0: colocated): the side-by-side ratios, a profile
 #   bash tests/gpu_acceptance.sh lora     OUT   # one GPU, colocated, LoRA r16 (10 steps): --vllm_lora merge, then adapter; the ratio
+#                                               # (~5 minutes a run on a fresh machine, most of it vLLM's compile)
 # GPUS=2,3 runs a layout on other GPUs (several layouts side by side on one machine); BENCH_ARGS adds flags to the
 # bench (e.g. "--phases train --skip_plain --micro_batch_size 32": one GPU, our update alone at another size), TRAIN_ARGS
 # to a layout's train.sh (e.g. "--compile false"), MODEL another shape of tests/make_random_model.py (e.g.
