@@ -1,7 +1,8 @@
 """The policy's forward as the loss sees it: the model's inputs computed on the host (multimodal RoPE positions,
 vision-tower kwargs, one image's features shared by the G rows sampled from it) and the log-probs of the sampled
 tokens through a chunked float32 LM head (TokenLogProbs: no (tokens x vocab) float32 logits kept for backward).
-Checked against the model's own forward and naive float64 heads in tests/test_grpo_math.py and tests/test_gpu.py."""
+Checked against the model's own forward and naive float64 heads in tests/test_grpo_math.py and tests/test_gpu.py.
+Also here: what trains (--trainable, or LoRA adapters through peft) and the weights vLLM gets from it."""
 import contextlib
 import os
 
@@ -408,3 +409,15 @@ def hf_weights(model, merge=True):
             name = f"{owner.removesuffix('.base_layer')}.{leaf}"
         out.append((name, p))
     return out
+
+
+def set_trainable(model, trainable):
+    """all | language (vision tower frozen) | mlp (language-model MLPs only, as the seed repo did)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name, trainable))
+
+
+def trains(name, trainable):
+    """Whether --trainable `trainable` trains the parameter `name`."""
+    vision = ".visual." in f".{name}"
+    return trainable == "all" or (trainable == "language" and not vision) or (".mlp." in name and not vision)

@@ -482,7 +482,8 @@ def test_offload_auto_offloads_the_optimizer_only_where_full_fine_tuning_would_n
     weight the run stops with one message naming the flag and the ways out."""
     import torch
     from transformers import AutoModelForImageTextToText
-    from main import Config, resolve_offload
+    from main import Config
+    from zero import resolve_offload
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for name, p in model.named_parameters() if ".visual." in f".{name}")
