@@ -579,10 +579,13 @@ def prepare_training(cfg, path, accelerator, model, ref_model, resumed_stage=Non
             add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         except ValueError as e:  # (no layer matched)
             user_error(f"--lora_targets {cfg.lora_targets!r}: {e} (language, all, or a regex of module names)")
-        vision = [n for n, _ in lora_layers(model) if ".visual." in f".{n}"]
-        if vision and cfg.vllm_lora == "adapter":
-            user_error(f"--vllm_lora adapter: --lora_targets '{cfg.lora_targets}' adapts vision layers ({vision[0]}, "
-                       "...), which vLLM's own LoRA does not; give --vllm_lora merge or language targets")
+        # vLLM's own LoRA adapts the decoder layers' linear layers only: not the vision tower, LM head or embeddings
+        outside = [n for n, _ in lora_layers(model) if ".language_model.layers." not in f".{n}"]
+        if outside and cfg.vllm_lora == "adapter":
+            what = "vision layers" if ".visual." in f".{outside[0]}" else \
+                "layers outside the language model's decoder layers"
+            user_error(f"--vllm_lora adapter: --lora_targets '{cfg.lora_targets}' adapts {what} ({outside[0]}, ...), "
+                       "which vLLM's own LoRA does not; give --vllm_lora merge or language targets")
     else:
         set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:

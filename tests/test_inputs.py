@@ -85,13 +85,16 @@ def test_compile_under_a_zero3_that_auto_chose_is_refused_once(tmp_path):
     assert 'main.py", line' not in text, text[-3000:]  # no rank's traceback (the launcher reports the exit)
 
 
-def test_vllms_own_lora_on_vision_layers_is_refused_once_the_model_names_them(tmp_path):
-    """A --lora_targets regex is only known to reach the vision tower once the model is built: refused there, one
-    message, before any engine starts."""
+@pytest.mark.parametrize("targets, what", [
+    (r".*visual.*\.qkv", "vision layers (model.visual.blocks.0.attn.qkv"),
+    (r".*(language_model.*\.q_proj|lm_head)", "layers outside the language model's decoder layers (lm_head")])
+def test_vllms_own_lora_outside_the_decoder_layers_is_refused_once_the_model_names_them(tmp_path, targets, what):
+    """A --lora_targets regex is only known to reach the vision tower, the LM head or the embeddings (which vLLM's
+    own LoRA does not adapt) once the model is built: refused there, one message, before any engine starts."""
     p = run([PY, "main.py", "--model", "tiny", "--output_dir", str(tmp_path / "out"), "--steps", "1", "--lora_rank",
-             "4", "--vllm_lora", "adapter", "--lora_targets", r".*visual.*\.qkv"], check=False, timeout=300)
+             "4", "--vllm_lora", "adapter", "--lora_targets", targets], check=False, timeout=300)
     text = p.stdout + p.stderr
-    message = "--vllm_lora adapter: --lora_targets '.*visual.*\\.qkv' adapts vision layers (model.visual.blocks.0.attn.qkv"
+    message = f"--vllm_lora adapter: --lora_targets '{targets}' adapts {what}"
     assert p.returncode != 0 and text.count(message) == 1 and "Traceback" not in text, text[-3000:]
 
 
