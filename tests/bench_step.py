@@ -40,9 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import guard  # noqa: E402
 import main  # noqa: E402
-import policy  # noqa: E402
 import trainer  # noqa: E402
 import zero  # noqa: E402
+from policy import set_trainable  # noqa: E402
 from utils import PromptSampler, collate  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def plain_update(cfg, path, prompts, completions, advantages, pad_id, suppressed
     """The reference: what one writes with transformers alone, same micro-batches: reference forward without
     gradients, policy forward/backward on full logits, fused AdamW on the bf16 weights. Seconds per update."""
     model = main.load_model(path, cfg).to(DEVICE)
-    policy.set_trainable(model, cfg.trainable)
+    set_trainable(model, cfg.trainable)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = main.load_model(path, cfg).to(DEVICE).eval() if cfg.beta > 0 else None
@@ -149,7 +149,7 @@ def weight_copy_bytes(path, cfg, itemsize):
     from transformers import AutoConfig, AutoModelForImageTextToText
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
-    policy.set_trainable(model, cfg.trainable)
+    set_trainable(model, cfg.trainable)
     return sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad) * itemsize
 
 
